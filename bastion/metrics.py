@@ -1,0 +1,146 @@
+"""Metrics folded from per-example records.
+
+- clean accuracy; robust accuracy per threat model as the per-example worst case over every
+  attack run (an example counts as robust only if it is clean-correct and survives them all);
+- per-class accuracies and their disparity (max - min, and population standard deviation);
+- certified accuracy at radii, ACR, abstention (randomized smoothing);
+- AUROC and TPR at a fixed FPR (detectors); conformal coverage and set size.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from bastion.records import Record
+
+
+def disparity(per_class: Sequence[float | None]) -> dict[str, float]:
+    """Spread of per-class accuracies: ``max_minus_min`` and ``std`` (population, ddof=0),
+    over classes that have examples."""
+    vals = np.array([v for v in per_class if v is not None], dtype=np.float64)
+    if vals.size == 0:
+        return {"max_minus_min": 0.0, "std": 0.0, "worst_class_accuracy": 0.0}
+    return {"max_minus_min": float(vals.max() - vals.min()), "std": float(vals.std()),
+            "worst_class_accuracy": float(vals.min())}
+
+
+def per_class_accuracy(labels: Sequence[int], correct: Sequence[bool], num_classes: int) -> list[float | None]:
+    """Accuracy per class (None for a class with no examples)."""
+    tot = np.zeros(num_classes)
+    ok = np.zeros(num_classes)
+    for t, c in zip(labels, correct):
+        tot[int(t)] += 1
+        ok[int(t)] += bool(c)
+    return [float(ok[k] / tot[k]) if tot[k] else None for k in range(num_classes)]
+
+
+def _accuracy_block(labels: list[int], correct: list[bool], class_names: Sequence[str]) -> dict[str, Any]:
+    pc = per_class_accuracy(labels, correct, len(class_names))
+    return {"accuracy": float(np.mean(correct)) if correct else 0.0, "n": len(correct),
+            "per_class": {name: v for name, v in zip(class_names, pc)}, "disparity": disparity(pc)}
+
+
+def classification_metrics(records: Iterable[Record], class_names: Sequence[str]) -> dict[str, Any]:
+    """Fold ``clean`` and ``robust`` records into clean/robust accuracy with per-class breakdowns.
+
+    Robust accuracy for threat T: mean over examples with a clean record of
+    ``clean correct AND every robust record with threat T correct``. ``per_attack`` gives each
+    attack's own accuracy (on all examples it saw) and ``broken_by`` counts the first attack (in
+    run order) that broke each example."""
+    clean: dict[int, Record] = {}
+    robust: dict[str, dict[int, list[Record]]] = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        kind = r.get("kind")
+        if kind == "clean":
+            clean[int(r["index"])] = r
+        elif kind == "robust":
+            robust[str(r["threat"])][int(r["index"])].append(r)
+    idx = sorted(clean)
+    labels = [int(clean[i]["label"]) for i in idx]
+    cc = [bool(clean[i]["correct"]) for i in idx]
+    out: dict[str, Any] = {"clean": _accuracy_block(labels, cc, class_names), "robust": {}}
+    for threat in sorted(robust, key=_threat_sort_key):
+        by_ex = robust[threat]
+        rc, per_attack, broken_by = [], defaultdict(list), defaultdict(int)
+        for i, c in zip(idx, cc):
+            recs = by_ex.get(i, [])
+            ok = c and all(bool(r["correct"]) for r in recs)
+            rc.append(ok)
+            for r in recs:
+                per_attack[str(r.get("attack", r["probe"]))].append(bool(r["correct"]) and c)
+            if c and not ok:
+                first = next(r for r in recs if not r["correct"])
+                broken_by[str(first.get("broken_by") or first.get("attack") or first["probe"])] += 1
+        block = _accuracy_block(labels, rc, class_names)
+        block["per_attack"] = {a: float(np.mean(v)) for a, v in per_attack.items()}
+        block["broken_by"] = dict(broken_by)
+        block["missing"] = sum(1 for i in idx if i not in by_ex)
+        out["robust"][threat] = block
+    return out
+
+
+def _threat_sort_key(threat: str) -> tuple[str, float]:
+    from bastion.threat import ThreatModel
+
+    try:
+        t = ThreatModel.parse(threat)
+        return t.norm, t.eps
+    except Exception:
+        return threat, 0.0
+
+
+# --- randomized smoothing ---------------------------------------------------------------------
+
+def radius_grid(max_radius: float, step: float = 0.01) -> np.ndarray:
+    """Radii 0, step, 2*step, ... <= max_radius, built from integers (no float drift)."""
+    k = int(round(max_radius / step))
+    return np.array([i * step for i in range(k + 1)], dtype=np.float64)
+
+
+def certified_accuracy(radii: Sequence[float], correct: Sequence[bool | int], grid: Sequence[float]) -> np.ndarray:
+    """Approximate certified accuracy at each radius r of ``grid``: fraction of examples with
+    ``correct`` and ``radius >= r`` (abstentions count as incorrect)."""
+    rad = np.asarray(radii, dtype=np.float64)
+    ok = np.asarray(correct, dtype=bool)
+    if rad.size == 0:
+        return np.zeros(len(grid))
+    return np.array([float(np.mean(ok & (rad >= r))) for r in grid])
+
+
+def average_certified_radius(radii: Sequence[float], correct: Sequence[bool | int]) -> float:
+    """ACR = mean(radius * correct)."""
+    rad = np.asarray(radii, dtype=np.float64)
+    return float(np.mean(rad * np.asarray(correct, dtype=np.float64))) if rad.size else 0.0
+
+
+# --- detection --------------------------------------------------------------------------------
+
+def auroc(scores_negative: Sequence[float], scores_positive: Sequence[float]) -> float:
+    """Area under the ROC curve where higher score = more likely positive (adversarial)."""
+    from sklearn.metrics import roc_auc_score
+
+    y = np.r_[np.zeros(len(scores_negative)), np.ones(len(scores_positive))]
+    return float(roc_auc_score(y, np.r_[scores_negative, scores_positive]))
+
+
+def tpr_at_fpr(scores_negative: Sequence[float], scores_positive: Sequence[float], fpr: float = 0.05) -> float:
+    """TPR at the threshold whose FPR on the negatives is at most ``fpr``."""
+    neg = np.sort(np.asarray(scores_negative, dtype=np.float64))
+    if neg.size == 0:
+        return 0.0
+    k = int(np.floor(fpr * neg.size))
+    thr = neg[-k - 1] if k < neg.size else -np.inf
+    return float(np.mean(np.asarray(scores_positive) > thr))
+
+
+# --- conformal prediction ---------------------------------------------------------------------
+
+def coverage_and_size(sets: Sequence[Sequence[int]], labels: Sequence[int]) -> dict[str, float]:
+    """Marginal coverage (true label in the set) and mean set size."""
+    cov = [int(y) in set(s) for s, y in zip(sets, labels)]
+    return {"coverage": float(np.mean(cov)) if cov else 0.0,
+            "mean_set_size": float(np.mean([len(s) for s in sets])) if sets else 0.0}
