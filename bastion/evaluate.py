@@ -141,6 +141,10 @@ def evaluate_model(model: nn.Module, data: ImageDataset, probes: Sequence[Probe]
     records = run_probes(model, data, probes, run, batch_size=batch_size, seed=seed, quiet=quiet)
     keep = {int(i) for i in data.indices.tolist()}
     records = [r for r in records if int(r["index"]) in keep]
+    from bastion.report import metrics_document, section
+
     metrics = classification_metrics(records, class_names or data.class_names)
-    run.write_json("metrics.json", {"schema_version": 1, "sections": {"robustness": metrics}})
+    title = str(config.get("title") or config.get("model") or "evaluation")
+    run.write_json("metrics.json", metrics_document([section("robustness", title, metrics)],
+                                                    title=f"Bastion evaluation: {title}"))
     return metrics

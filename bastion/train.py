@@ -125,7 +125,8 @@ class PGDObjective:
 # Objective factories by name; other packages (defenses/, certify/) register theirs here.
 OBJECTIVES: dict[str, Callable[..., Objective]] = {
     "standard": lambda **kw: StandardObjective(),
-    "pgd": lambda threat="linf:8/255", steps=10, alpha=None, **kw: PGDObjective(threat, steps, alpha, **kw),
+    "pgd": lambda eps="8/255", norm="linf", steps=10, alpha=None, **kw: PGDObjective(
+        ThreatModel(norm, eps), steps, alpha, **kw),
 }
 
 

@@ -1,0 +1,337 @@
+"""Single-step adversarial training as objectives of `bastion.train.fit`: FGSM, FGSM-RS, N-FGSM
+and AAER (Lin, Yu, Liu, NeurIPS 2023) in its RS- and N- variants. Spec: specs/aaer.md.
+
+One iteration (spec section 3): start x+eta (eta ~ U[-k*eps, k*eps], eta = 0 for k = 0, kept in
+the image box); forward 1 gives the start logits/losses; one signed-gradient step of size
+a*eps; optional projection to the eps-ball; forward 2 at x+delta. Both forwards run in the
+model's current (train) mode, as in the reference code. Examples whose loss *dropped* along the
+step are abnormal adversarial examples (AAEs). AAER adds
+
+    r * (lambda2 * C_A + lambda3 * max(V_A - V_N, 0)),   r = lambda1 * m / B,
+
+when the batch holds both AAEs and normal ones (NAEs); otherwise the regularizer is exactly 0.
+Gradient semantics (``ce_term_grad=False``, the reference code's): only the adversarial
+logits of AAEs inside V_A carry gradient; the start logits/losses, V_N, r and the whole C_A term
+are constants. ``ce_term_grad=True`` lets gradient flow through the adversarial losses of AAEs
+in C_A (the model is pushed to raise them).
+
+Every objective here (the baselines too) logs per batch the quantities the paper studies:
+``aae_count``, ``aae_frac``, ``v_a``, ``v_n``, ``v_gap`` (= V_A - V_N), ``c_a``, ``reg`` (the
+regularizer's value), ``reg_grad`` (its part that carries gradient), ``gate_open`` (V_A > V_N in a
+mixed batch) and indicators ``has_aae``, ``has_nae``, ``mixed`` so epoch means conditional on a
+quantity being defined can be recovered (see `epoch_summary`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bastion.errors import ConfigError
+from bastion.threat import ThreatModel, format_eps, parse_eps
+from bastion.train import StepContext, StepResult, register_objective
+
+# ---------------------------------------------------------------------------------------------
+# Published hyper-parameters (spec sections 4 and 6)
+# ---------------------------------------------------------------------------------------------
+
+#: variant -> (noise multiplier k, step multiplier a, clip to the eps-ball)
+VARIANTS: dict[str, tuple[float, float, bool]] = {
+    "fgsm": (0.0, 1.0, True),      # Goodfellow et al.; the CO-prone negative control
+    "rs": (1.0, 1.25, True),       # FGSM-RS (Wong et al. 2020) / RS-AAER
+    "n": (2.0, 1.0, False),        # N-FGSM (de Jorge et al. 2022) / N-AAER
+}
+
+#: (dataset, eps in /255) -> {variant: (lambda2, lambda3)}; lambda1 = 1 everywhere.
+PRESETS: dict[tuple[str, int], dict[str, tuple[float, float]]] = {
+    ("cifar10", 8): {"rs": (2.5, 1.5), "n": (1.5, 0.15)},
+    ("cifar10", 12): {"rs": (5.0, 2.75), "n": (5.0, 0.55)},
+    ("cifar10", 16): {"rs": (7.0, 3.25), "n": (8.5, 1.5)},
+    ("cifar10", 32): {"rs": (5.75, 1.5), "n": (2.75, 0.75)},
+    ("cifar100", 8): {"rs": (3.5, 1.5), "n": (1.5, 0.15)},
+    ("cifar100", 12): {"rs": (3.5, 2.75), "n": (3.5, 0.3)},
+    ("cifar100", 16): {"rs": (6.0, 2.25), "n": (6.0, 0.5)},
+    ("cifar100", 32): {"rs": (5.0, 0.75), "n": (3.5, 0.5)},
+}
+#: code defaults of the reference implementation (used for SVHN, Tiny-ImageNet, ImageNet-100)
+CODE_DEFAULT = (1.0, 4.0, 1.5)
+_CODE_DEFAULT_PRESETS = ("default", "svhn", "tiny-imagenet", "tinyimagenet", "imagenet100", "imagenet-100")
+
+
+def preset_lambdas(preset: str, eps: float, variant: str) -> tuple[float, float, float]:
+    """(lambda1, lambda2, lambda3) published for ``preset`` (cifar10, cifar100, svhn,
+    tiny-imagenet, imagenet100 or default) at ``eps`` for ``variant`` (rs or n)."""
+    key = preset.lower().replace("_", "-")
+    if key in _CODE_DEFAULT_PRESETS:
+        return CODE_DEFAULT
+    key = key.replace("-", "")
+    k255 = eps * 255
+    if abs(k255 - round(k255)) > 1e-6 or (key, round(k255)) not in PRESETS:
+        known = sorted({d for d, _ in PRESETS})
+        if key not in known:
+            raise ConfigError(f"unknown AAER preset {preset!r}: use one of {', '.join(known + ['svhn', 'tiny-imagenet', 'imagenet100', 'default'])}")
+        eps_list = sorted(e for d, e in PRESETS if d == key)
+        raise ConfigError(f"AAER preset {preset!r} has no published lambdas at eps {format_eps(eps)}: "
+                          f"published eps are {', '.join(f'{e}/255' for e in eps_list)}; "
+                          f"set lambda2/lambda3 explicitly")
+    table = PRESETS[(key, round(k255))]
+    if variant not in table:
+        raise ConfigError(f"AAER preset {preset!r} has no lambdas for variant {variant!r}: use rs or n")
+    return (1.0, *table[variant])
+
+
+# ---------------------------------------------------------------------------------------------
+# The objective
+# ---------------------------------------------------------------------------------------------
+
+def _as_bool(v: Any, name: str) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, (int, float)) and v in (0, 1):
+        return bool(v)
+    if isinstance(v, str) and v.strip().lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        return v.strip().lower() in ("1", "true", "yes", "on")
+    raise ConfigError(f"{name} must be true or false, got {v!r}")
+
+
+def _as_float(v: Any, name: str) -> float:
+    try:
+        return parse_eps(v) if isinstance(v, str) and "/" in v else float(v)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a number, got {v!r}") from None
+
+
+def aae_regularizer(z_eta: torch.Tensor, l_eta: torch.Tensor, z_adv: torch.Tensor, l_adv: torch.Tensor,
+                    lambda1: float, lambda2: float, lambda3: float,
+                    ce_term_grad: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+    """The AAER penalty of one batch and its logged statistics (spec section 3, step 6-7).
+
+    ``z_eta``/``l_eta``: logits/per-example CE at the start point (detached inside);
+    ``z_adv``/``l_adv``: at the adversarial point (carry gradient). Returns ``(reg, stats)``,
+    ``reg`` a scalar tensor that is exactly 0 (no graph) when the batch has no AAE or no NAE."""
+    z_eta, l_eta = z_eta.detach(), l_eta.detach()
+    b = l_eta.shape[0]
+    aae = l_eta > l_adv.detach()          # strict: the step lowered the loss
+    nae = ~aae
+    m, n = int(aae.sum()), int(nae.sum())
+    dist = (z_eta - z_adv).pow(2).sum(dim=1)          # squared L2 over classes, per example
+    stats: dict[str, float] = {"aae_count": float(m), "aae_frac": m / max(1, b), "has_aae": float(m > 0),
+                               "has_nae": float(n > 0), "mixed": float(m > 0 and n > 0)}
+    with torch.no_grad():
+        v_a_val = float(dist[aae].mean()) if m else 0.0
+        v_n_val = float(dist[nae].mean()) if n else 0.0
+        c_a_val = float((l_eta - l_adv.detach())[aae].mean()) if m else 0.0
+    stats.update({"v_a": v_a_val, "v_n": v_n_val, "c_a": c_a_val, "v_gap": 0.0, "gate_open": 0.0,
+                  "reg": 0.0, "reg_grad": 0.0})
+    zero = torch.zeros((), device=z_adv.device, dtype=z_adv.dtype)
+    if m == 0 or n == 0:
+        return zero, stats
+    r = lambda1 * m / b
+    l_adv_a = l_adv[aae] if ce_term_grad else l_adv[aae].detach()
+    c_a = (l_eta[aae] - l_adv_a).mean()
+    v_a = dist[aae].mean()
+    v_n = dist[nae].detach().mean()
+    gap = F.relu(v_a - v_n)
+    reg = r * (lambda2 * c_a + lambda3 * gap)
+    stats["v_gap"] = v_a_val - v_n_val
+    stats["gate_open"] = float(v_a_val > v_n_val)
+    stats["reg"] = float(reg.detach())
+    stats["reg_grad"] = float(r * lambda3 * gap.detach()) + (float(r * lambda2 * c_a.detach()) if ce_term_grad else 0.0)
+    return reg, stats
+
+
+class SingleStepObjective:
+    """Single-step adversarial training with an optional AAER regularizer.
+
+    eps: L-inf radius in [0,1] pixel units (``8/255`` accepted). step: a (alpha = a*eps).
+    noise: k (eta ~ U[-k*eps, k*eps]; 0 = zero init). clip: project delta to the eps-ball.
+    lambda1..3: AAER weights (``aaer=False`` disables the regularizer; the statistics are
+    still logged). ce_term_grad: gradient switch of the C_A term (False = reference code).
+    warmup_epochs: eps warm-up, factor w = min(progress / warmup_epochs, 1) on the step and the
+    projection radius (and on the start noise too when ``warmup_noise``, N-FGSM's SVHN recipe;
+    AAER's reference leaves the noise unscaled)."""
+
+    def __init__(self, eps: float | str, step: float, noise: float, clip: bool, *, aaer: bool = False,
+                 lambda1: float = 1.0, lambda2: float = 0.0, lambda3: float = 0.0, ce_term_grad: bool = False,
+                 warmup_epochs: float = 0.0, warmup_noise: bool = False, name: str = "single_step"):
+        self.eps = parse_eps(eps)
+        if self.eps <= 0:
+            raise ConfigError(f"{name}: eps must be > 0, got {eps!r}")
+        self.step = _as_float(step, "step")
+        self.noise = _as_float(noise, "noise")
+        if self.step <= 0 or self.noise < 0:
+            raise ConfigError(f"{name}: step must be > 0 and noise >= 0 (got step={step}, noise={noise})")
+        self.clip = _as_bool(clip, "clip")
+        self.aaer = _as_bool(aaer, "aaer")
+        self.lambda1, self.lambda2, self.lambda3 = (_as_float(v, n) for v, n in
+                                                    ((lambda1, "lambda1"), (lambda2, "lambda2"), (lambda3, "lambda3")))
+        if min(self.lambda1, self.lambda2, self.lambda3) < 0:
+            raise ConfigError(f"{name}: lambda1..3 must be >= 0")
+        self.ce_term_grad = _as_bool(ce_term_grad, "ce_term_grad")
+        self.warmup_epochs = _as_float(warmup_epochs, "warmup_epochs")
+        if self.warmup_epochs < 0:
+            raise ConfigError(f"{name}: warmup_epochs must be >= 0")
+        self.warmup_noise = _as_bool(warmup_noise, "warmup_noise")
+        self.name = name
+
+    def warmup_factor(self, ctx: StepContext | None) -> float:
+        if self.warmup_epochs <= 0 or ctx is None:
+            return 1.0
+        return min(ctx.progress / self.warmup_epochs, 1.0)
+
+    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None,
+                w: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Start point and one step: returns (x+eta, z_eta with graph cut, l_eta detached, delta)."""
+        eps = self.eps
+        if self.noise > 0:
+            k = self.noise * eps * (w if self.warmup_noise else 1.0)
+            u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            eta = (2 * u - 1) * k
+            eta = (x + eta).clamp(0, 1) - x
+        else:
+            eta = torch.zeros_like(x)
+        x_eta = (x + eta).detach().requires_grad_(True)
+        z_eta = model(x_eta)
+        l_eta = F.cross_entropy(z_eta, y, reduction="none")
+        (g,) = torch.autograd.grad(l_eta.mean(), x_eta)
+        delta = eta + self.step * eps * w * g.sign()
+        if self.clip:
+            delta = delta.clamp(-eps * w, eps * w)
+        delta = ((x + delta).clamp(0, 1) - x).detach()
+        return z_eta.detach(), l_eta.detach(), delta
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: StepContext) -> StepResult:
+        w = self.warmup_factor(ctx)
+        z_eta, l_eta, delta = self.perturb(model, x, y, ctx.generator if ctx is not None else None, w)
+        z_adv = model(x + delta)
+        l_adv = F.cross_entropy(z_adv, y, reduction="none")
+        loss_adv = l_adv.mean()
+        reg, stats = aae_regularizer(z_eta, l_eta, z_adv, l_adv,
+                                     self.lambda1 if self.aaer else 0.0, self.lambda2, self.lambda3,
+                                     self.ce_term_grad)
+        if not self.aaer:
+            stats["reg"] = stats["reg_grad"] = 0.0
+            loss = loss_adv
+        else:
+            loss = loss_adv + reg
+        stats["loss_adv"] = float(loss_adv.detach())
+        if self.warmup_epochs > 0:
+            stats["eps_factor"] = w
+        return StepResult(loss, z_adv, stats)
+
+    def config(self) -> dict[str, Any]:
+        cfg: dict[str, Any] = {"objective": self.name, "eps": self.eps, "eps_text": format_eps(self.eps),
+                               "step": self.step, "noise": self.noise, "clip": self.clip}
+        if self.aaer:
+            cfg.update({"lambda1": self.lambda1, "lambda2": self.lambda2, "lambda3": self.lambda3,
+                        "ce_term_grad": self.ce_term_grad})
+        if self.warmup_epochs > 0:
+            cfg.update({"warmup_epochs": self.warmup_epochs, "warmup_noise": self.warmup_noise})
+        return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Factories (registered by name for `bastion train --objective NAME`)
+# ---------------------------------------------------------------------------------------------
+
+# Options the train command may pass to every objective; meaningless here, ignored when unset.
+_IGNORED_IF_UNSET = ("steps", "sigma", "alpha", "threat")
+
+
+def _resolve_eps(eps: Any, threat: Any) -> float:
+    if threat is not None:
+        t = ThreatModel.parse(str(threat)) if not isinstance(threat, ThreatModel) else threat
+        if t.norm != "linf":
+            raise ConfigError(f"single-step objectives are L-inf only, got threat {t}")
+        if eps is None:
+            return t.eps
+    if eps is None:
+        raise ConfigError("single-step objectives need an epsilon: pass --eps 8/255 (or --param eps=...)")
+    return parse_eps(eps)
+
+
+def _check_extra(name: str, extra: dict[str, Any]) -> None:
+    bad = {k: v for k, v in extra.items() if not (k in _IGNORED_IF_UNSET and v is None)}
+    if bad:
+        raise ConfigError(f"objective {name!r} takes no parameter(s) {sorted(bad)}; it takes eps, step, noise, "
+                          f"clip, warmup_epochs, warmup_noise (+ variant, preset, lambda1..3, ce_term_grad for AAER)")
+
+
+def make_single_step(name: str, variant: str):
+    k0, a0, clip0 = VARIANTS[variant]
+
+    def factory(eps: Any = None, step: Any = None, noise: Any = None, clip: Any = None, warmup_epochs: Any = 0.0,
+                warmup_noise: Any = False, threat: Any = None, **extra: Any) -> SingleStepObjective:
+        _check_extra(name, extra)
+        return SingleStepObjective(_resolve_eps(eps, threat), a0 if step is None else step,
+                                   k0 if noise is None else noise, clip0 if clip is None else clip,
+                                   warmup_epochs=warmup_epochs, warmup_noise=warmup_noise, name=name)
+
+    factory.__doc__ = f"{name}: noise k={k0:g}, step a={a0:g}, clip={clip0} (override with step/noise/clip)."
+    return factory
+
+
+def make_aaer(name: str, default_variant: str | None):
+    def factory(eps: Any = None, variant: str | None = None, preset: str | None = None, lambda1: Any = None,
+                lambda2: Any = None, lambda3: Any = None, ce_term_grad: Any = False, step: Any = None,
+                noise: Any = None, clip: Any = None, warmup_epochs: Any = 0.0, warmup_noise: Any = False,
+                threat: Any = None, **extra: Any) -> SingleStepObjective:
+        _check_extra(name, extra)
+        v = (variant or default_variant or "n").lower().replace("-", "").replace("_", "")
+        v = {"rsaaer": "rs", "naaer": "n", "fgsmrs": "rs", "nfgsm": "n"}.get(v, v)
+        if v not in VARIANTS:
+            raise ConfigError(f"unknown AAER variant {variant!r}: use rs, n or fgsm")
+        if default_variant is not None and variant is not None and v != default_variant:
+            raise ConfigError(f"objective {name!r} is the {default_variant!r} variant; use --objective aaer "
+                              f"--param variant={variant} instead")
+        e = _resolve_eps(eps, threat)
+        k0, a0, clip0 = VARIANTS[v]
+        if preset is not None:
+            l1, l2, l3 = preset_lambdas(str(preset), e, "rs" if v == "fgsm" else v)
+        else:
+            l1, l2, l3 = CODE_DEFAULT
+        return SingleStepObjective(e, a0 if step is None else step, k0 if noise is None else noise,
+                                   clip0 if clip is None else clip, aaer=True,
+                                   lambda1=l1 if lambda1 is None else lambda1,
+                                   lambda2=l2 if lambda2 is None else lambda2,
+                                   lambda3=l3 if lambda3 is None else lambda3, ce_term_grad=ce_term_grad,
+                                   warmup_epochs=warmup_epochs, warmup_noise=warmup_noise, name=name)
+
+    factory.__doc__ = (f"{name}: AAER on the {default_variant or 'n (default; variant=rs|n|fgsm)'} variant; "
+                       f"lambdas from preset=cifar10|cifar100|svhn|... at eps, else code defaults {CODE_DEFAULT}.")
+    return factory
+
+
+OBJECTIVE_NAMES = ("fgsm", "fgsm_rs", "n_fgsm", "nfgsm", "rs_aaer", "n_aaer", "aaer")
+
+register_objective("fgsm", make_single_step("fgsm", "fgsm"))
+register_objective("fgsm_rs", make_single_step("fgsm_rs", "rs"))
+register_objective("n_fgsm", make_single_step("n_fgsm", "n"))
+register_objective("nfgsm", make_single_step("n_fgsm", "n"))
+register_objective("rs_aaer", make_aaer("rs_aaer", "rs"))
+register_objective("n_aaer", make_aaer("n_aaer", "n"))
+register_objective("aaer", make_aaer("aaer", None))
+
+
+def epoch_summary(record: dict[str, Any]) -> dict[str, float | None]:
+    """Conditional epoch means from fit's epoch record (fit averages every stat over all
+    iterations, and V_A / V_N / V_A - V_N are logged as 0 when undefined).
+
+    Returns ``aae_frac`` (mean m/B), ``v_a`` (over batches with AAEs), ``v_n`` (over batches with
+    NAEs), ``v_gap`` (over mixed batches), ``gate_open_frac`` (fraction of mixed batches whose
+    gate V_A > V_N was open), ``reg`` (mean regularizer value over all batches)."""
+    def ratio(num: str, den: str) -> float | None:
+        d = record.get(f"train_{den}")
+        if d is None or d <= 0 or f"train_{num}" not in record:
+            return None
+        return float(record[f"train_{num}"]) / float(d)
+
+    out = {"aae_frac": record.get("train_aae_frac"), "v_a": ratio("v_a", "has_aae"),
+           "v_n": ratio("v_n", "has_nae"), "v_gap": ratio("v_gap", "mixed"),
+           "gate_open_frac": ratio("gate_open", "mixed"), "reg": record.get("train_reg"),
+           "mixed_frac": record.get("train_mixed")}
+    return {k: (None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)) for k, v in out.items()}
