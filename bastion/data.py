@@ -8,8 +8,10 @@ Nothing here downloads. ``digits`` (scikit-learn's embedded load_digits) is the 
 from __future__ import annotations
 
 import gzip
+import inspect
 import pickle
 import struct
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,7 +82,8 @@ def check_images(x: torch.Tensor, what: str = "images") -> None:
         raise DataError(f"{what} contain NaN or inf values")
     lo, hi = float(x.min()), float(x.max())
     if lo < 0 or hi > 1:
-        raise DataError(f"{what} must lie in [0, 1] (models normalize internally), got min {lo:.4g} max {hi:.4g}")
+        raise DataError(f"{what} must lie in [0, 1] (models normalize internally), "
+                        f"got min {lo:.4g} max {hi:.4g}")
 
 
 def load_dataset(name: str, split: str = "train", root: str | Path | None = None, *,
@@ -90,7 +93,10 @@ def load_dataset(name: str, split: str = "train", root: str | Path | None = None
 
     name: one of `DATASETS`. split: ``train`` or ``test``. root: folder holding the files
     (required for mnist/cifar10/cifar100/imagefolder). image_size: resize (nearest for upsampling
-    by an integer factor, else bilinear) to image_size x image_size. num_examples: keep the first n.
+    by an integer factor, else bilinear) to image_size x image_size; imagefolder resizes each file
+    as it is read, so folders of mixed sizes load. num_examples: keep the first n. Other keyword
+    arguments go to the reader (digits: test_fraction; synthetic: num_examples_total,
+    num_classes, channels, size; imagefolder: channels); an unknown one raises `DataError`.
     """
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
@@ -98,18 +104,31 @@ def load_dataset(name: str, split: str = "train", root: str | Path | None = None
                "imagefolder": _imagefolder, "synthetic": _synthetic}
     if name not in loaders:
         raise DataError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}")
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
+                                   or image_size < 1):
+        raise DataError(f"image_size must be a positive integer, got {image_size!r}")
+    if num_examples is not None and (isinstance(num_examples, bool) or not isinstance(num_examples, int)
+                                     or num_examples < 0):
+        raise DataError(f"num_examples must be an integer >= 0, got {num_examples!r}")
+    reader = loaders[name]
+    accepted = set(inspect.signature(reader).parameters) - {"split", "root", "seed", "image_size"}
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        raise DataError(f"dataset {name!r} takes no option(s) {unknown}; it takes {sorted(accepted)}")
     if name in ("mnist", "cifar10", "cifar100", "imagefolder"):
         if root is None:
-            raise DataError(f"dataset {name!r} reads local files: pass root=PATH (--data-root); nothing is downloaded")
+            raise DataError(f"dataset {name!r} reads local files: pass root=PATH (--data-root); "
+                            f"nothing is downloaded")
         root = Path(root).expanduser()
         if not root.is_dir():
             raise DataError(f"data root {str(root)!r} for {name!r} is not a directory")
-        ds = loaders[name](split, root, **kwargs)
-    elif name == "digits":
-        ds = _digits(split, seed=seed, **kwargs)
+        if name == "imagefolder":
+            ds = _imagefolder(split, root, image_size=image_size, **kwargs)
+        else:
+            ds = reader(split, root, **kwargs)
     else:
-        ds = _synthetic(split, seed=seed, **kwargs)
-    if image_size is not None and ds.images.shape[-1] != image_size:
+        ds = reader(split, seed=seed, **kwargs)
+    if image_size is not None and tuple(ds.images.shape[-2:]) != (image_size, image_size):
         ds.images = resize(ds.images, image_size)
     if num_examples is not None:
         ds = ds.subset(slice(0, num_examples))
@@ -118,9 +137,9 @@ def load_dataset(name: str, split: str = "train", root: str | Path | None = None
 
 def resize(images: torch.Tensor, size: int) -> torch.Tensor:
     """Resize (N, C, H, W) to size x size: nearest for integer upsampling, else bilinear, clamped."""
-    h = images.shape[-1]
-    mode = "nearest" if size % h == 0 else "bilinear"
-    kw = {} if mode == "nearest" else {"align_corners": False, "antialias": size < h}
+    h, w = images.shape[-2:]
+    mode = "nearest" if size % h == 0 and size % w == 0 else "bilinear"
+    kw = {} if mode == "nearest" else {"align_corners": False, "antialias": size < max(h, w)}
     return F.interpolate(images, size=(size, size), mode=mode, **kw).clamp(0, 1).contiguous()
 
 
@@ -131,6 +150,8 @@ def _digits(split: str, seed: int = 0, test_fraction: float = 0.25) -> ImageData
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
+    if not 0 < test_fraction < 1:
+        raise DataError(f"digits test_fraction must be in (0, 1), got {test_fraction!r}")
     d = load_digits()
     x = (d.images.astype(np.float32) / 16.0)[:, None]
     y = d.target.astype(np.int64)
@@ -149,7 +170,8 @@ def _synthetic(split: str, seed: int = 0, num_examples_total: int = 256, num_cla
     g_split = torch.Generator().manual_seed(seed * 2 + (0 if split == "train" else 1))
     y = torch.arange(num_examples_total) % num_classes
     y = y[torch.randperm(num_examples_total, generator=g_split)]
-    x = (templates[y] + 0.15 * torch.randn((num_examples_total, channels, size, size), generator=g_split)).clamp(0, 1)
+    noise = torch.randn((num_examples_total, channels, size, size), generator=g_split)
+    x = (templates[y] + 0.15 * noise).clamp(0, 1)
     return ImageDataset("synthetic", split, x.float(), y.long(), [f"class{i}" for i in range(num_classes)])
 
 
@@ -158,7 +180,8 @@ def _find(root: Path, names: list[str], layout: str) -> Path:
         for cand in (root / n, root / (n + ".gz")):
             if cand.is_file():
                 return cand
-    raise DataError(f"missing data file {names[0]!r} (or .gz) under {str(root)!r}; expected layout: {layout}")
+    raise DataError(f"missing data file {names[0]!r} (or .gz) under {str(root)!r}; "
+                    f"expected layout: {layout}")
 
 
 _MNIST_LAYOUT = ("ROOT/train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
@@ -178,7 +201,7 @@ def _read_idx(path: Path, expect_dims: int) -> np.ndarray:
         if arr.size != int(np.prod(dims)):
             raise ValueError(f"expected {int(np.prod(dims))} values, found {arr.size}")
         return arr.reshape(dims)
-    except (OSError, EOFError, struct.error, ValueError) as exc:
+    except (OSError, EOFError, struct.error, ValueError, zlib.error) as exc:
         raise DataError(f"malformed IDX file {str(path)!r}: {exc}; expected layout: {_MNIST_LAYOUT}") from None
 
 
@@ -190,26 +213,40 @@ def _mnist(split: str, root: Path) -> ImageDataset:
     yi = _read_idx(_find(root, [f"{prefix}-labels-idx1-ubyte"], _MNIST_LAYOUT), 1)
     if len(xi) != len(yi):
         raise DataError(f"MNIST {split}: {len(xi)} images but {len(yi)} labels under {str(root)!r}")
+    _check_labels(yi, 10, str(root))
     x = torch.from_numpy(xi.astype(np.float32) / 255.0)[:, None].contiguous()
     return ImageDataset("mnist", split, x, torch.from_numpy(yi.astype(np.int64)), [str(i) for i in range(10)])
 
 
-def _unpickle_batch(path: Path, layout: str) -> dict:
-    # CIFAR's own format is a pickle of plain dicts/lists/arrays; a restricted unpickler refuses
-    # anything else so a crafted file cannot run code.
-    class _Restricted(pickle.Unpickler):
-        def find_class(self, module: str, name: str):
-            if module.startswith("numpy") and name in {"_reconstruct", "ndarray", "dtype", "scalar"}:
-                return super().find_class(module, name)
-            if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name == "_reconstruct":
-                return super().find_class(module, name)
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data batch")
+# The only globals a CIFAR batch (a pickle of plain dicts/lists/bytes and numpy arrays, written by
+# Python 2 or 3 with any protocol) needs. Everything else is refused, so a crafted file cannot run code.
+_PICKLE_ALLOWED = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),  # protocol 5
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("_codecs", "encode"),  # protocol 2 written by Python 3 encodes bytes with it
+}
 
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in _PICKLE_ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load global {module}.{name} (not part of the CIFAR format)")
+
+
+def _unpickle_batch(path: Path, layout: str) -> dict:
     try:
         with open(path, "rb") as f:
-            return _Restricted(f, encoding="bytes").load()
-    except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError) as exc:
-        raise DataError(f"malformed CIFAR batch {str(path)!r}: {exc}; expected layout: {layout}") from None
+            obj = _RestrictedUnpickler(f, encoding="bytes").load()
+    except Exception as exc:  # anything a damaged or hostile pickle can raise
+        raise DataError(f"malformed CIFAR batch {str(path)!r}: {type(exc).__name__}: {exc}; "
+                        f"expected layout: {layout}") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"malformed CIFAR batch {str(path)!r}: expected a pickled dict, got {type(obj).__name__}; "
+                        f"expected layout: {layout}")
+    return obj
 
 
 def _cifar_arrays(batch: dict, path: Path, label_key: bytes, layout: str) -> tuple[np.ndarray, np.ndarray]:
@@ -220,10 +257,29 @@ def _cifar_arrays(batch: dict, path: Path, label_key: bytes, layout: str) -> tup
     if data is None or labels is None:
         raise DataError(f"malformed CIFAR batch {str(path)!r}: no 'data'/{label_key.decode()!r} entry; "
                         f"expected layout: {layout}")
-    data = np.asarray(data, dtype=np.uint8)
-    if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != data.shape[0]:
-        raise DataError(f"malformed CIFAR batch {str(path)!r}: data shape {data.shape}, {len(labels)} labels")
-    return data.reshape(-1, 3, 32, 32), np.asarray(labels, dtype=np.int64)
+    try:
+        data = np.asarray(data)
+        labels = np.asarray(labels)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"malformed CIFAR batch {str(path)!r}: {exc}; expected layout: {layout}") from None
+    if (data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or labels.ndim != 1
+            or len(labels) != data.shape[0] or not np.issubdtype(labels.dtype, np.integer)):
+        raise DataError(f"malformed CIFAR batch {str(path)!r}: data {data.dtype} {data.shape} (want uint8 "
+                        f"(N, 3072)), labels {labels.dtype} {labels.shape} (want N integers); "
+                        f"expected layout: {layout}")
+    return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
+
+
+def _check_labels(y: np.ndarray, num_classes: int, where: str) -> None:
+    if y.size and (y.min() < 0 or y.max() >= num_classes):
+        raise DataError(f"labels in {where} must be in [0, {num_classes}), found {int(y.min())}..{int(y.max())}")
+
+
+def _label_names(meta: dict, key: bytes) -> list[str] | None:
+    names = meta.get(key, meta.get(key.decode()))
+    if not names:
+        return None
+    return [c.decode() if isinstance(c, bytes) else str(c) for c in names]
 
 
 _CIFAR10_LAYOUT = "ROOT/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta} (python pickles)"
@@ -242,12 +298,11 @@ def _cifar10(split: str, root: Path) -> ImageDataset:
     classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     meta = base / "batches.meta"
     if meta.is_file():
-        m = _unpickle_batch(meta, _CIFAR10_LAYOUT)
-        names_ = m.get(b"label_names", m.get("label_names")) if isinstance(m, dict) else None
-        if names_:
-            classes = [c.decode() if isinstance(c, bytes) else str(c) for c in names_]
+        classes = _label_names(_unpickle_batch(meta, _CIFAR10_LAYOUT), b"label_names") or classes
+    y = np.concatenate(ys)
+    _check_labels(y, len(classes), str(base))
     x = torch.from_numpy(np.concatenate(xs).astype(np.float32) / 255.0)
-    return ImageDataset("cifar10", split, x, torch.from_numpy(np.concatenate(ys)), classes)
+    return ImageDataset("cifar10", split, x, torch.from_numpy(y), classes)
 
 
 def _cifar100(split: str, root: Path) -> ImageDataset:
@@ -257,11 +312,10 @@ def _cifar100(split: str, root: Path) -> ImageDataset:
     classes = [str(i) for i in range(100)]
     meta = base / "meta"
     if meta.is_file():
-        m = _unpickle_batch(meta, _CIFAR100_LAYOUT)
-        names_ = m.get(b"fine_label_names", m.get("fine_label_names")) if isinstance(m, dict) else None
-        if names_:
-            classes = [c.decode() if isinstance(c, bytes) else str(c) for c in names_]
-    return ImageDataset("cifar100", split, torch.from_numpy(x.astype(np.float32) / 255.0), torch.from_numpy(y), classes)
+        classes = _label_names(_unpickle_batch(meta, _CIFAR100_LAYOUT), b"fine_label_names") or classes
+    _check_labels(y, len(classes), str(p))
+    x_t = torch.from_numpy(x.astype(np.float32) / 255.0)
+    return ImageDataset("cifar100", split, x_t, torch.from_numpy(y), classes)
 
 
 _IMG_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
@@ -271,8 +325,13 @@ def _imagefolder(split: str, root: Path, image_size: int | None = None, channels
     """ROOT/{train,test}/<class>/<image> (or ROOT/<class>/<image> when there are no split folders)."""
     from PIL import Image, UnidentifiedImageError
 
-    layout = "ROOT/{train,test}/<class_name>/<image files>"
-    base = root / split if (root / split).is_dir() else root
+    layout = "ROOT/{train,test}/<class_name>/<image files> (or ROOT/<class_name>/<image files>)"
+    if channels not in (1, 3):
+        raise DataError(f"imagefolder channels must be 1 or 3, got {channels!r}")
+    has_splits = any((root / s).is_dir() for s in SPLITS)
+    if has_splits and not (root / split).is_dir():
+        raise DataError(f"no {split!r} folder under {str(root)!r} (it has split folders); expected layout: {layout}")
+    base = root / split if has_splits else root
     classes = sorted(p.name for p in base.iterdir() if p.is_dir())
     if not classes:
         raise DataError(f"no class folders under {str(base)!r}; expected layout: {layout}")
@@ -296,6 +355,7 @@ def _imagefolder(split: str, root: Path, image_size: int | None = None, channels
         raise DataError(f"no image files under {str(base)!r}; expected layout: {layout}")
     shapes = {a.shape for a in xs}
     if len(shapes) > 1:
-        raise DataError(f"images under {str(base)!r} have different sizes {sorted(shapes)[:3]}; pass image_size")
-    return ImageDataset("imagefolder", split, torch.from_numpy(np.stack(xs)), torch.tensor(ys, dtype=torch.int64),
-                        classes)
+        raise DataError(f"images under {str(base)!r} have different sizes {sorted(shapes)[:3]}; "
+                        f"pass image_size to resize them")
+    return ImageDataset("imagefolder", split, torch.from_numpy(np.stack(xs)),
+                        torch.tensor(ys, dtype=torch.int64), classes)

@@ -48,9 +48,11 @@ def classification_metrics(records: Iterable[Record], class_names: Sequence[str]
     """Fold ``clean`` and ``robust`` records into clean/robust accuracy with per-class breakdowns.
 
     Robust accuracy for threat T: mean over examples with a clean record of
-    ``clean correct AND every robust record with threat T correct``. ``per_attack`` gives each
-    attack's own accuracy (on all examples it saw) and ``broken_by`` counts the first attack (in
-    run order) that broke each example."""
+    ``clean correct AND every robust record with threat T correct`` (the per-example worst case
+    over attacks). A clean-correct example with no robust record for T was never attacked, so it
+    does not count as robust; ``missing`` counts those. ``per_attack`` gives each attack's own
+    accuracy (on all examples it saw) and ``broken_by`` counts the first attack (in run order)
+    that broke each example."""
     clean: dict[int, Record] = {}
     robust: dict[str, dict[int, list[Record]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
@@ -68,17 +70,17 @@ def classification_metrics(records: Iterable[Record], class_names: Sequence[str]
         rc, per_attack, broken_by = [], defaultdict(list), defaultdict(int)
         for i, c in zip(idx, cc):
             recs = by_ex.get(i, [])
-            ok = c and all(bool(r["correct"]) for r in recs)
+            ok = c and bool(recs) and all(bool(r["correct"]) for r in recs)
             rc.append(ok)
             for r in recs:
                 per_attack[str(r.get("attack", r["probe"]))].append(bool(r["correct"]) and c)
-            if c and not ok:
+            if c and not ok and recs:
                 first = next(r for r in recs if not r["correct"])
                 broken_by[str(first.get("broken_by") or first.get("attack") or first["probe"])] += 1
         block = _accuracy_block(labels, rc, class_names)
         block["per_attack"] = {a: float(np.mean(v)) for a, v in per_attack.items()}
         block["broken_by"] = dict(broken_by)
-        block["missing"] = sum(1 for i in idx if i not in by_ex)
+        block["missing"] = sum(1 for i, c in zip(idx, cc) if c and not by_ex.get(i))
         out["robust"][threat] = block
     return out
 
@@ -112,9 +114,13 @@ def certified_accuracy(radii: Sequence[float], correct: Sequence[bool | int], gr
 
 
 def average_certified_radius(radii: Sequence[float], correct: Sequence[bool | int]) -> float:
-    """ACR = mean(radius * correct)."""
+    """ACR = mean over examples of the radius if correct, else 0 (abstentions, whatever radius
+    they carry, e.g. NaN or -1, count 0)."""
     rad = np.asarray(radii, dtype=np.float64)
-    return float(np.mean(rad * np.asarray(correct, dtype=np.float64))) if rad.size else 0.0
+    if rad.size == 0:
+        return 0.0
+    ok = np.asarray(correct, dtype=bool) & np.isfinite(rad) & (rad > 0)
+    return float(np.mean(np.where(ok, rad, 0.0)))
 
 
 # --- detection --------------------------------------------------------------------------------

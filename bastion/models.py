@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -80,11 +81,24 @@ def create_model(name: str, num_classes: int, in_channels: int, image_size: int,
     unknown = [k for k in kwargs if k not in params]
     if unknown and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
         raise ModelError(f"model {name!r} takes no argument(s) {unknown}; it takes {list(params)[3:]}")
-    mean = [0.5] * in_channels if mean is None else list(mean)
-    std = [0.5] * in_channels if std is None else list(std)
+    for arg, value in (("num_classes", num_classes), ("in_channels", in_channels), ("image_size", image_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ModelError(f"model {name!r}: {arg} must be a positive integer, got {value!r}")
+    try:
+        mean = [0.5] * in_channels if mean is None else [float(m) for m in mean]
+        std = [0.5] * in_channels if std is None else [float(s) for s in std]
+    except (TypeError, ValueError):
+        raise ModelError(f"mean/std must be sequences of {in_channels} numbers, got {mean!r}/{std!r}") from None
     if len(mean) != in_channels or len(std) != in_channels:
         raise ModelError(f"mean/std need {in_channels} values (one per channel), got {len(mean)}/{len(std)}")
-    net = fn(num_classes=num_classes, in_channels=in_channels, image_size=image_size, **kwargs)
+    if not all(math.isfinite(m) for m in mean) or not all(math.isfinite(s) and s > 0 for s in std):
+        raise ModelError(f"mean must be finite and std finite and > 0, got mean {mean} std {std}")
+    try:
+        net = fn(num_classes=num_classes, in_channels=in_channels, image_size=image_size, **kwargs)
+    except ModelError:
+        raise
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ModelError(f"cannot build model {name!r} with {kwargs}: {exc}") from None
     return NormalizedModel(net, mean, std)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -50,9 +51,8 @@ class JsonlLog:
             return
         data = self.path.read_bytes()
         if data and not data.endswith(b"\n"):
-            keep = data[: data.rfind(b"\n") + 1]
-            with open(self.path, "wb") as f:
-                f.write(keep)
+            # Truncate in place (never rewrite): a crash during repair cannot lose complete lines.
+            os.truncate(self.path, data.rfind(b"\n") + 1)
 
     def append(self, rows: Iterable[Record]) -> int:
         lines = [json.dumps(_clean(r), sort_keys=True, separators=(",", ":")) + "\n" for r in rows]
@@ -75,7 +75,8 @@ class JsonlLog:
                 try:
                     yield json.loads(line)
                 except json.JSONDecodeError:
-                    raise RunError(f"{str(self.path)!r} line {n} is not valid JSON; the run log is damaged") from None
+                    raise RunError(f"{str(self.path)!r} line {n} is not valid JSON; the run log is damaged "
+                                   f"(delete that line, or the run directory to start over)") from None
 
     def read(self) -> list[Record]:
         return list(self)
@@ -107,7 +108,7 @@ def merge_records(logs: Iterable[RecordLog | Iterable[Record]]) -> list[Record]:
 
 def config_digest(config: dict[str, Any]) -> str:
     """A stable hash of a config dict (keys sorted)."""
-    return hashlib.sha256(json.dumps(_clean(config), sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(_clean(config), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class RunDir:
@@ -124,13 +125,16 @@ class RunDir:
             stamp = self.path / "config.json"
             digest = config_digest(config)
             if stamp.is_file():
-                old = json.loads(stamp.read_text())
-                if old.get("digest") != digest:
+                try:
+                    old = json.loads(stamp.read_text())
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    raise RunError(f"{str(stamp)!r} is damaged; delete the run directory to start over") from None
+                if not isinstance(old, dict) or old.get("digest") != digest:
                     raise RunError(f"run directory {str(self.path)!r} holds a different config; use a new --out "
                                    f"directory or delete it to start over")
             else:
-                stamp.write_text(json.dumps({"digest": digest, "config": _clean(config)}, indent=2, sort_keys=True))
                 _write_toml(self.path / "config.toml", config)
+                self.write_json("config.json", {"digest": digest, "config": _clean(config)})
         elif not self.path.is_dir():
             raise RunError(f"run directory {str(self.path)!r} does not exist")
 
@@ -151,7 +155,7 @@ class RunDir:
     def write_json(self, name: str, obj: Any) -> Path:
         p = self.path / name
         tmp = p.with_suffix(p.suffix + ".tmp")
-        tmp.write_text(json.dumps(_clean(obj), indent=2, sort_keys=True))
+        tmp.write_text(json.dumps(_clean(obj), indent=2, sort_keys=True, default=str))
         os.replace(tmp, p)
         return p
 
@@ -163,9 +167,16 @@ def _toml_value(v: Any) -> str:
         return repr(v)
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
     if v is None:
         return '""'
     return json.dumps(str(v))
+
+
+def _toml_key(k: Any) -> str:
+    k = str(k)
+    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else json.dumps(k)
 
 
 def to_toml(config: dict[str, Any]) -> str:
@@ -176,21 +187,21 @@ def to_toml(config: dict[str, Any]) -> str:
         if isinstance(v, dict):
             tables.append((k, v))
         else:
-            lines.append(f"{k} = {_toml_value(_clean(v))}")
+            lines.append(f"{_toml_key(k)} = {_toml_value(_clean(v))}")
 
     def emit(prefix: str, table: dict) -> None:
         lines.append(f"\n[{prefix}]")
         sub = []
         for k, v in table.items():
             if isinstance(v, dict):
-                sub.append((f"{prefix}.{k}", v))
+                sub.append((f"{prefix}.{_toml_key(k)}", v))
             else:
-                lines.append(f"{k} = {_toml_value(_clean(v))}")
+                lines.append(f"{_toml_key(k)} = {_toml_value(_clean(v))}")
         for p, t in sub:
             emit(p, t)
 
     for k, t in tables:
-        emit(k, t)
+        emit(_toml_key(k), t)
     return "\n".join(lines).lstrip("\n") + "\n"
 
 

@@ -20,12 +20,15 @@ _NORM_ALIASES = {"linf": "linf", "l_inf": "linf", "inf": "linf", "l2": "l2", "2"
 
 def parse_eps(text: str | float | int) -> float:
     """Parse an epsilon such as ``8/255``, ``0.03`` or ``0.5`` into a float (pixel units)."""
+    if isinstance(text, bool):
+        raise ThreatModelError(f"epsilon must be a number, got {text!r}")
     if isinstance(text, (int, float)):
         value = float(text)
     else:
         s = str(text).strip()
         if not re.fullmatch(r"[0-9.eE+-]+(/[0-9.eE+-]+)?", s):
-            raise ThreatModelError(f"cannot parse epsilon {text!r}: use a number such as 0.03 or a fraction 8/255")
+            raise ThreatModelError(f"cannot parse epsilon {text!r}: use a number such as 0.03 "
+                                   f"or a fraction 8/255")
         try:
             if "/" in s:
                 num, den = s.split("/")
@@ -40,7 +43,9 @@ def parse_eps(text: str | float | int) -> float:
 
 
 def format_eps(eps: float) -> str:
-    """Write eps as ``k/255`` when it is one, else as a short decimal."""
+    """Write eps as a short decimal when it has one (0.2, 0.5), else as ``k/255`` when it is one."""
+    if len(repr(float(eps))) <= 7:
+        return f"{eps:g}"
     k = eps * 255
     if abs(k - round(k)) < 1e-9 and round(k) != 0:
         return f"{round(k)}/255"
@@ -112,7 +117,8 @@ class ThreatModel:
     def check(self, x: torch.Tensor, x_adv: torch.Tensor, atol: float = 1e-6) -> None:
         """Raise `ThreatModelViolation` unless every ``x_adv`` is finite, in [0, 1], within eps of x."""
         if x_adv.shape != x.shape:
-            raise ThreatModelViolation(f"adversarial batch has shape {tuple(x_adv.shape)}, expected {tuple(x.shape)}")
+            raise ThreatModelViolation(f"adversarial batch has shape {tuple(x_adv.shape)}, "
+                                       f"expected {tuple(x.shape)}")
         if not torch.isfinite(x_adv).all():
             bad = (~torch.isfinite(x_adv)).flatten(1).any(1).nonzero().flatten().tolist()
             raise ThreatModelViolation(f"adversarial batch has NaN/inf values at batch positions {bad[:10]}")

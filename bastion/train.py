@@ -9,7 +9,9 @@ finishes with the same weights as an uninterrupted one (on CPU).
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -21,10 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from bastion.data import ImageDataset
-from bastion.errors import ConfigError
-from bastion.records import JsonlLog
+from bastion.errors import ConfigError, RunError
+from bastion.records import JsonlLog, _clean, config_digest
 from bastion.threat import ThreatModel
-
 
 # ---------------------------------------------------------------------------------------------
 # Objectives
@@ -181,6 +182,8 @@ class TrainConfig:
             raise ConfigError(f"unknown augment {self.augment!r}: use none, crop_flip or flip")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ConfigError("epochs, batch_size and lr must be positive")
+        if not 0 < self.cyclic_peak <= 1:
+            raise ConfigError(f"cyclic_peak must be in (0, 1], got {self.cyclic_peak!r}")
         self.milestones = tuple(float(m) for m in self.milestones)
 
 
@@ -254,6 +257,73 @@ class TrainResult:
     run_dir: Path | None
 
 
+_STATE_KEY = "bastion_train_state"
+
+
+def _save_train_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, meta: dict[str, Any]) -> None:
+    """Atomically write everything a resume needs (weights, optimizer state, epoch, history) as one
+    safetensors file: the commit point of an epoch. Nothing is pickled."""
+    from safetensors.torch import save_file
+
+    tensors = {f"model.{k}": v.detach().to("cpu").clone().contiguous() for k, v in model.state_dict().items()}
+    osd = opt.state_dict()
+    other: dict[str, dict[str, Any]] = {}
+    for pid, st in osd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"opt.{pid}.{k}"] = v.detach().to("cpu").clone().contiguous()
+            else:
+                other.setdefault(str(pid), {})[k] = v
+    meta = {**meta, "param_groups": osd["param_groups"], "opt_other": other}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={_STATE_KEY: json.dumps(meta, sort_keys=True)})
+    os.replace(tmp, path)
+
+
+def _load_train_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})[_STATE_KEY])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, KeyError, ValueError) as exc:
+        raise RunError(f"training state {str(path)!r} is damaged ({exc}); delete the checkpoints/ folder "
+                       f"of this run to start it over") from None
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
+    state: dict[int, dict[str, Any]] = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, pid, name = k.split(".", 2)
+            state.setdefault(int(pid), {})[name] = v
+    for pid, st in meta["opt_other"].items():
+        state.setdefault(int(pid), {}).update(st)
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return meta
+
+
+def _export_checkpoint(ckpt_dir: Path, model: nn.Module, cfg: TrainConfig, objective: Objective,
+                       checkpoint_card: dict[str, Any] | None, epoch: int) -> None:
+    from bastion.checkpoints import save_checkpoint
+
+    card = dict(checkpoint_card or {})
+    card.setdefault("recipe", {})
+    card["recipe"] = {**card["recipe"], "train": asdict(cfg), **objective.config()}
+    card["epoch"] = epoch
+    save_checkpoint(ckpt_dir / "last", model, card)
+
+
+def _checkpoint_is_current(ckpt_dir: Path, epoch: int) -> bool:
+    from bastion.checkpoints import sha256_file
+
+    w, c = ckpt_dir / "last.safetensors", ckpt_dir / "last.json"
+    try:
+        card = json.loads(c.read_text())
+        return card.get("epoch") == epoch and card.get("sha256") == sha256_file(w)
+    except (OSError, ValueError):
+        return False
+
+
 def _epoch_generator(seed: int, epoch: int, device: torch.device, salt: int) -> torch.Generator:
     g = torch.Generator(device=device)
     g.manual_seed((seed * 1_000_003 + epoch * 7919 + salt) % (2 ** 63))
@@ -266,14 +336,15 @@ def fit(model: nn.Module, data: ImageDataset, objective: Objective, cfg: TrainCo
         checkpoint_card: dict[str, Any] | None = None) -> TrainResult:
     """Train ``model`` on ``data`` with ``objective``.
 
-    With ``run_dir``: appends one record per epoch to ``train_log.jsonl``, saves
-    ``checkpoints/last.safetensors`` (+ optimizer/RNG state in ``last_state.pt``) after every
-    epoch, and resumes from them when present. ``checkpoint_card`` is the model card saved
+    With ``run_dir``: after every epoch, commits the training state (weights, optimizer, epoch,
+    history) to ``checkpoints/train_state.safetensors``, exports ``checkpoints/last.safetensors``
+    + ``last.json`` and appends the epoch record to ``train_log.jsonl``; a restarted run resumes
+    from the committed state and ends with the same weights as an uninterrupted one (on CPU).
+    Resuming with a different config, objective or data size raises `RunError`; a run stopped by
+    a callback (`StopTraining`) stays stopped. ``checkpoint_card`` is the model card saved
     alongside (see `bastion.checkpoints.make_card`).
     """
     from tqdm.auto import tqdm
-
-    from bastion.checkpoints import load_state, save_checkpoint
 
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device)
@@ -294,22 +365,36 @@ def fit(model: nn.Module, data: ImageDataset, objective: Objective, cfg: TrainCo
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         log = JsonlLog(run_dir / "train_log.jsonl")
         batch_log = JsonlLog(run_dir / "batches.jsonl") if log_batches else None
-        state_path = ckpt_dir / "last_state.pt"
-        if state_path.is_file() and (ckpt_dir / "last.safetensors").is_file():
-            state = torch.load(state_path, map_location=device, weights_only=True)
-            model.load_state_dict(load_state(ckpt_dir / "last.safetensors"))
-            opt.load_state_dict(state["optimizer"])
-            start_epoch = int(state["epoch"]) + 1
-            history = [r for r in log if r.get("epoch", -1) < start_epoch]
+        state_path = ckpt_dir / "train_state.safetensors"
+        digest = config_digest({"train": asdict(cfg), "objective": objective.config(), "n": n,
+                                "num_params": sum(p.numel() for p in model.parameters())})
+        if state_path.is_file():
+            meta = _load_train_state(state_path, model, opt)
+            if meta.get("digest") != digest:
+                raise RunError(f"run directory {str(run_dir)!r} holds training state of a different config "
+                               f"(train settings, objective or data); use a new run directory or delete it")
+            start_epoch = int(meta["epoch"]) + 1
+            history = list(meta["history"])
             log.rewrite(history)
             if batch_log is not None:
                 batch_log.rewrite([r for r in batch_log if r.get("epoch", -1) < start_epoch])
+            if not _checkpoint_is_current(ckpt_dir, int(meta["epoch"])):
+                _export_checkpoint(ckpt_dir, model, cfg, objective, checkpoint_card, int(meta["epoch"]))
+            if meta.get("stopped"):
+                start_epoch = cfg.epochs
             if not quiet:
                 print(f"resuming from epoch {start_epoch} ({str(ckpt_dir)!r})")
+        else:  # nothing committed yet: drop what a killed first epoch may have logged
+            log.rewrite([])
+            if batch_log is not None:
+                batch_log.rewrite([])
     x_all, y_all = data.images, data.labels
-    stopped = False
+    stopped = bool(history and history[-1].get("stopped"))
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
+        # Global RNG (dropout, objectives without a generator) is re-seeded per epoch so that a
+        # resumed run draws the same numbers as an uninterrupted one.
+        torch.manual_seed((cfg.seed * 1_000_003 + epoch * 7919 + 3) % (2 ** 63))
         model.train()
         g_cpu = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
         order = torch.randperm(n, generator=g_cpu)
@@ -350,8 +435,8 @@ def fit(model: nn.Module, data: ImageDataset, objective: Objective, cfg: TrainCo
                 sums[k] = sums.get(k, 0.0) + float(v)
             if batch_log is not None:
                 batch_log.append([{"epoch": epoch, "iteration": it, "lr": cfg.lr * f, **stats}])
-        record: dict[str, Any] = {"epoch": epoch, "lr_end": cfg.lr * lr_factor(cfg, (epoch + 1) * iters_per_epoch - 1,
-                                                                                total)[0]}
+        lr_end = cfg.lr * lr_factor(cfg, (epoch + 1) * iters_per_epoch - 1, total)[0]
+        record: dict[str, Any] = {"epoch": epoch, "lr_end": lr_end}
         record.update({f"train_{k}": v / iters_per_epoch for k, v in sums.items()})
         if seen:
             record["train_acc"] = correct / seen
@@ -368,14 +453,11 @@ def fit(model: nn.Module, data: ImageDataset, objective: Objective, cfg: TrainCo
         model.train()
         history.append(record)
         if ckpt_dir is not None:
-            card = dict(checkpoint_card or {})
-            card.setdefault("recipe", {})
-            card["recipe"] = {**card["recipe"], "train": asdict(cfg), **objective.config()}
-            card["epoch"] = epoch
-            save_checkpoint(ckpt_dir / "last", model, card)
-            tmp = ckpt_dir / "last_state.pt.tmp"
-            torch.save({"optimizer": opt.state_dict(), "epoch": epoch}, tmp)
-            tmp.replace(ckpt_dir / "last_state.pt")
+            record = json.loads(json.dumps(_clean(record), default=str))  # as the log will hold it
+            history[-1] = record
+            _save_train_state(ckpt_dir / "train_state.safetensors", model, opt,
+                              {"epoch": epoch, "digest": digest, "history": history, "stopped": stopped})
+            _export_checkpoint(ckpt_dir, model, cfg, objective, checkpoint_card, epoch)
             log.append([record])  # type: ignore[union-attr]
         if not quiet:
             shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in record.items()

@@ -73,7 +73,8 @@ def preset_lambdas(preset: str, eps: float, variant: str) -> tuple[float, float,
     if abs(k255 - round(k255)) > 1e-6 or (key, round(k255)) not in PRESETS:
         known = sorted({d for d, _ in PRESETS})
         if key not in known:
-            raise ConfigError(f"unknown AAER preset {preset!r}: use one of {', '.join(known + ['svhn', 'tiny-imagenet', 'imagenet100', 'default'])}")
+            names = known + ["svhn", "tiny-imagenet", "imagenet100", "default"]
+            raise ConfigError(f"unknown AAER preset {preset!r}: use one of {', '.join(names)}")
         eps_list = sorted(e for d, e in PRESETS if d == key)
         raise ConfigError(f"AAER preset {preset!r} has no published lambdas at eps {format_eps(eps)}: "
                           f"published eps are {', '.join(f'{e}/255' for e in eps_list)}; "
@@ -255,6 +256,9 @@ def _resolve_eps(eps: Any, threat: Any) -> float:
 
 
 def _check_extra(name: str, extra: dict[str, Any]) -> None:
+    if str(extra.get("norm", "linf")).lower() not in ("linf", "l_inf", "inf"):
+        raise ConfigError(f"objective {name!r} is L-inf only, got norm {extra['norm']!r}")
+    extra = {k: v for k, v in extra.items() if k != "norm"}
     bad = {k: v for k, v in extra.items() if not (k in _IGNORED_IF_UNSET and v is None)}
     if bad:
         raise ConfigError(f"objective {name!r} takes no parameter(s) {sorted(bad)}; it takes eps, step, noise, "

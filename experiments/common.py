@@ -11,9 +11,10 @@ from bastion.data import DATASETS, ImageDataset, load_dataset
 
 def add_data_args(p: argparse.ArgumentParser, default: str | None = "digits") -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default=default, choices=DATASETS if default else None,
+    g.add_argument("--dataset", default=default,
                    help=f"data set name ({', '.join(DATASETS)}); default {default}")
-    g.add_argument("--data-root", default=None, help="folder with the data set's files (mnist, cifar10/100, imagefolder)")
+    g.add_argument("--data-root", default=None,
+                   help="folder with the data set's files (mnist, cifar10/100, imagefolder)")
     g.add_argument("--image-size", type=int, default=None, help="resize images to SIZE x SIZE")
     g.add_argument("--max", dest="max_examples", type=int, default=None, help="use at most N examples")
     g.add_argument("--skip", type=int, default=1, help="use every SKIP-th example (default 1)")

@@ -29,7 +29,16 @@ def read_toml(path: str | Path) -> dict[str, Any]:
 
 
 def _dests(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
-    return {a.dest: a for a in parser._actions if a.dest not in ("help", "version")}
+    """Config key -> action: each long option name (``--data-root`` -> ``data_root``) and each dest."""
+    out: dict[str, argparse.Action] = {}
+    for a in parser._actions:
+        if a.dest in ("help", "version"):
+            continue
+        out[a.dest] = a
+        for opt in a.option_strings:
+            if opt.startswith("--"):
+                out[opt[2:].replace("-", "_")] = a
+    return out
 
 
 def namespace_from_config(parser: argparse.ArgumentParser, cfg: dict[str, Any], where: str) -> argparse.Namespace:
@@ -41,6 +50,7 @@ def namespace_from_config(parser: argparse.ArgumentParser, cfg: dict[str, Any], 
         if dest not in actions:
             raise ConfigError(f"unknown key {key!r} in {where}; known keys: {', '.join(sorted(actions))}")
         act = actions[dest]
+        dest = act.dest
         if isinstance(value, list) and act.nargs is None and not isinstance(act, argparse._AppendAction):
             value = ",".join(str(v) for v in value)
         if isinstance(act, argparse._AppendAction) and isinstance(value, dict):

@@ -99,6 +99,10 @@ SECTIONS: list[tuple[str, Section]] = [
     ("robustness", robustness_section),
 ]
 
+from experiments.quickstart_aaer import aaer_section  # noqa: E402
+
+SECTIONS.append(("aaer", aaer_section))
+
 
 def run_quickstart(ctx: QuickstartContext, only: list[str] | None = None) -> dict[str, Any]:
     from bastion.report import metrics_document, write_report

@@ -1,4 +1,10 @@
-"""``bastion evaluate``: clean and adversarial accuracy of a checkpoint, resumable."""
+"""``bastion evaluate``: clean and adversarial accuracy of a checkpoint, resumable.
+
+Attacks run per threat model in the given order (list them cheapest first), each only on the
+examples still robust; every adversarial batch is checked against the threat model (a violation
+stops the run with an error) and re-predicted by the evaluator. Sanity flags (randomized output,
+probability outputs, zero gradients, gradient-free or weaker attacks beating stronger white-box
+ones) go into the report."""
 
 from __future__ import annotations
 
@@ -9,21 +15,37 @@ from experiments.common import add_data_args, data_from_args, run_config
 
 HELP = """examples:
   bastion evaluate --model runs/pgd/model.safetensors --eps 0.1,0.2 --out runs/eval-pgd
-  bastion evaluate --model M --dataset cifar10 --data-root ~/data --eps 8/255 --steps 20 --max 1000"""
+  bastion evaluate --model M --attacks pgd,apgd-ce,autoattack --eps 8/255,16/255
+  bastion evaluate --model M --attacks apgd-ce,autoattack --attack-param autoattack.version=custom \\
+      --attack-param autoattack.attacks=apgd-t+square --attack-param apgd-ce.restarts=2
+  bastion evaluate --model M --attacks pgd,eot-pgd --attack-param eot-pgd.eot_iter=20   # randomized model
+  bastion evaluate --model M --dataset cifar10 --data-root ~/data --eps 8/255 --steps 20 --max 1000
+
+attacks: fgsm, pgd, pgd-margin, pgd-dlr, apgd-ce, apgd-dlr, apgd-t, eot-pgd, eot-apgd, eot-apgd-dlr,
+smoothadv, autoattack, autoattack-rand, autoattack-plus, torchattacks:<Name> (torchattacks extra)"""
 
 
 def register(sub, common) -> None:
     p = sub.add_parser("evaluate", parents=[common], help="clean and robust accuracy of a checkpoint (resumable)",
-                       description="Evaluate a checkpoint: clean accuracy and PGD robust accuracy at each "
-                                   "epsilon, per class. Records are appended as produced; rerun the same "
-                                   "command to resume.", epilog=HELP,
+                       description="Evaluate a checkpoint: clean accuracy and robust accuracy under a suite of "
+                                   "attacks at each epsilon, per class. Records are appended as produced; "
+                                   "rerun the same command to resume.", epilog=HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="checkpoint (NAME.safetensors with NAME.json beside it)")
     add_data_args(p, default=None)
     p.add_argument("--split", default="test", choices=["train", "test"])
     p.add_argument("--norm", default="linf", choices=["linf", "l2"])
     p.add_argument("--eps", default="8/255", help="comma-separated radii, e.g. 8/255,16/255")
-    p.add_argument("--steps", type=int, default=10, help="PGD steps")
+    p.add_argument("--attacks", default="pgd",
+                   help="comma-separated attacks run in this order, each on the examples still robust "
+                        "(default pgd), e.g. pgd,apgd-ce,autoattack")
+    p.add_argument("--steps", type=int, default=None,
+                   help="steps of every native attack in --attacks (default: each attack's own)")
+    p.add_argument("--attack-param", action="append", default=None, metavar="ATTACK.KEY=VALUE",
+                   help="an attack parameter, e.g. apgd-ce.restarts=2 or autoattack.version=rand (repeatable)")
+    p.add_argument("--cross-check", type=int, default=0, metavar="N",
+                   help="per batch, re-run the strongest white-box attack on N examples a weaker one broke "
+                        "(flags gradient masking; default 0)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--out", default=None, help="run directory (default runs/eval-<checkpoint name>)")
     p.set_defaults(func=run)
@@ -35,22 +57,71 @@ def threats_from_args(args: argparse.Namespace):
     return [ThreatModel(args.norm, e.strip()) for e in str(args.eps).split(",") if e.strip()]
 
 
+def attack_params_from_args(names: list[str], args: argparse.Namespace) -> dict[str, dict]:
+    """Per-attack parameters from ``--steps`` and ``--attack-param NAME.KEY=VALUE``."""
+    import dataclasses
+
+    from attacks.base import _REGISTRY
+    from bastion.errors import ConfigError
+    from experiments.config import parse_params
+
+    params: dict[str, dict] = {n: {} for n in names}
+    if args.steps is not None:
+        for n in names:
+            entry = _REGISTRY.get(n)
+            if entry is not None and "steps" in {f.name for f in dataclasses.fields(entry.cls.config_class)}:
+                params[n]["steps"] = int(args.steps)
+    for item in args.attack_param or []:
+        head, sep, _ = item.partition("=")
+        name, dot, key = head.rpartition(".")
+        if not sep or not dot or not key:
+            raise ConfigError(f"bad --attack-param {item!r}: use ATTACK.KEY=VALUE, e.g. apgd-ce.restarts=2")
+        if name not in params:
+            raise ConfigError(f"--attack-param {item!r} names attack {name!r}, which is not in --attacks "
+                              f"({', '.join(names)})")
+        params[name].update(parse_params([f"{key}={item.split('=', 1)[1]}"]))
+    return params
+
+
 def run(args: argparse.Namespace) -> int:
+    from attacks import AttackProbe, sanity_flags
     from bastion.checkpoints import load_checkpoint
-    from bastion.evaluate import CleanProbe, PGDProbe, evaluate_model
+    from bastion.errors import ConfigError
+    from bastion.evaluate import CleanProbe, evaluate_model
+    from bastion.records import RunDir
     from bastion.report import write_report
 
-    model, card = load_checkpoint(args.model, args.device)
+    names = [a.strip() for a in str(args.attacks).split(",") if a.strip()]
+    if not names:
+        raise ConfigError("--attacks is empty; give attack names such as pgd,apgd-ce,autoattack")
+    params = attack_params_from_args(names, args)
     threats = threats_from_args(args)
+    probes = [CleanProbe()] + [AttackProbe(t, names, attack_params=params, cross_check=args.cross_check)
+                               for t in threats]
+    model, card = load_checkpoint(args.model, args.device)
     data = data_from_args(args, args.split, dataset=args.dataset or card.get("dataset") or "digits",
                           image_size=card["input_shape"][-1])
     out = Path(args.out or f"runs/eval-{Path(args.model).with_suffix('').name}")
-    probes = [CleanProbe()] + [PGDProbe(t, steps=args.steps) for t in threats]
     config = run_config(args) | {"model_sha256": card.get("sha256")}
     metrics = evaluate_model(model, data, probes, out, config, batch_size=args.batch_size, seed=args.seed,
                              quiet=args.quiet, class_names=card.get("class_names"))
+    # sanity flags folded from the per-example records go into the robustness section
+    run_dir = RunDir(out)
+    keep = {int(i) for i in data.indices.tolist()}
+    flags = sanity_flags(r for r in run_dir.records if int(r["index"]) in keep)
+    doc_path = out / "metrics.json"
+    import json
+
+    doc = json.loads(doc_path.read_text())
+    for sec in doc["sections"]:
+        if sec.get("type") == "robustness":
+            sec["data"]["flags"] = flags
+            sec["data"]["attacks"] = [p.describe() for p in probes[1:]]
+    run_dir.write_json("metrics.json", doc)
     write_report(out)
     if not args.quiet:
         line = ", ".join(f"{t}: {100 * b['accuracy']:.1f}%" for t, b in metrics["robust"].items())
         print(f"clean {100 * metrics['clean']['accuracy']:.1f}% | robust {line} | report {out / 'report.html'}")
+        for f in flags:
+            print(f"warning: {f}")
     return 0

@@ -1,0 +1,165 @@
+"""Composite (adaptive) objectives for defenses that a plain loss on the logits would miss.
+
+Each is an `Objective` plugged into the same native engines (``objective=`` of pgd, apgd-ce,
+apgd-t, ...), never a copy of them:
+
+- `DetectorObjective`: attack a classifier and a detector at once: maximise
+  ``(1 - w) * L(classifier) - w * score(detector)``; success needs a misclassification AND a
+  detector score at most ``threshold`` (when given).
+- `MixingObjective`: for mixed classifiers whose output depends on a mixing weight
+  ``alpha = sigmoid(gamma(x))`` (adaptive smoothing): maximise
+  ``(1 - w) * L(f(x)) + w * BCE(gamma(x), 1)``; the second term drives alpha down, towards the
+  non-robust base, so the attack reaches through the mixing network.
+- `SmoothedObjective`: SmoothAdv (Salman et al. 2019): cross-entropy of the soft smoothed
+  classifier, ``-log mean_m softmax(f(x + sigma * n_m))_y`` over m Gaussian draws; the
+  prediction attacked is the argmax of that averaged softmax.
+
+    from attacks.adaptive import DetectorObjective
+    atk = create_attack("apgd-ce", threat, objective=DetectorObjective(detector, weight=0.5, threshold=t))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attacks.base import AttackError, register_attack
+from attacks.native import PGD, NativeConfig
+from attacks.objectives import ObjectiveOutput, loss_function
+from bastion.errors import ConfigError
+
+
+def _as_scores(s: torch.Tensor, n: int) -> torch.Tensor:
+    if s.dim() == 2 and s.shape[1] == 1:
+        s = s[:, 0]
+    if s.shape != (n,):
+        raise AttackError(f"the detector must return one score per example, shape ({n},); got {tuple(s.shape)}")
+    return s
+
+
+class DetectorObjective:
+    """Fool ``classifier`` (the attacked model) while keeping ``detector(x)`` low.
+
+    detector: module or callable mapping [0, 1] images to one score per example (higher = more
+    suspicious). weight: w in [0, 1]. threshold: an adversary only counts when its score is
+    <= threshold (None: the detector is only pushed down, not required to stay quiet).
+    base: the classifier loss (``ce``, ``margin``, ``dlr``)."""
+
+    def __init__(self, detector: nn.Module | Callable[[torch.Tensor], torch.Tensor], weight: float = 0.5,
+                 threshold: float | None = None, base: str = "ce"):
+        if not 0 <= weight <= 1:
+            raise ConfigError(f"detector objective weight must be in [0, 1], got {weight}")
+        self.detector = detector
+        self.weight = float(weight)
+        self.threshold = threshold
+        self.base = base
+        self._fn = loss_function(base)
+
+    def __call__(self, model, x, y, target):
+        logits = model(x)
+        score = _as_scores(self.detector(x), x.shape[0])
+        loss = (1 - self.weight) * self._fn(logits, y, target) - self.weight * score
+        valid = None if self.threshold is None else score.detach() <= self.threshold
+        return ObjectiveOutput(loss, logits, valid)
+
+    def describe(self) -> str:
+        return f"detector(base={self.base}, weight={self.weight}, threshold={self.threshold})"
+
+
+class MixingObjective:
+    """Reach through a mixing weight: ``(1 - w) * L(f(x)) + w * BCE(gamma(x), 1)``.
+
+    The attacked model must expose its mixing logit: ``outputs(model, x) -> (logits, gamma)``
+    (default: ``model.forward_with_mixing(x)``, which mixed classifiers in defenses/ provide;
+    ``logits`` may be log-probabilities, ``gamma`` the pre-sigmoid mixing score, alpha =
+    sigmoid(gamma) the weight of the robust base)."""
+
+    def __init__(self, weight: float = 0.5, base: str = "ce",
+                 outputs: Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None):
+        if not 0 <= weight <= 1:
+            raise ConfigError(f"mixing objective weight must be in [0, 1], got {weight}")
+        self.weight = float(weight)
+        self.base = base
+        self._fn = loss_function(base)
+        self.outputs = outputs
+
+    def _outputs(self, model, x):
+        if self.outputs is not None:
+            return self.outputs(model, x)
+        fn = getattr(model, "forward_with_mixing", None)
+        if fn is None:
+            raise AttackError(f"{type(model).__name__} has no forward_with_mixing(x) -> (logits, gamma); "
+                              "pass outputs=fn to MixingObjective")
+        return fn(x)
+
+    def __call__(self, model, x, y, target):
+        logits, gamma = self._outputs(model, x)
+        gamma = _as_scores(gamma, x.shape[0])
+        # BCE(gamma, 1) = -log sigmoid(gamma) = softplus(-gamma): larger when alpha is smaller
+        loss = (1 - self.weight) * self._fn(logits, y, target) + self.weight * F.softplus(-gamma)
+        return ObjectiveOutput(loss, logits)
+
+    def describe(self) -> str:
+        return f"mixing(base={self.base}, weight={self.weight})"
+
+
+class SmoothedObjective:
+    """SmoothAdv: CE of the soft smoothed classifier ``mean_m softmax(f(x + sigma n_m))``.
+
+    num_noise: m draws per example and step (drawn from the attack's forked RNG, fresh each
+    step). batch: examples x draws per forward pass (memory bound)."""
+
+    def __init__(self, sigma: float, num_noise: int = 16, batch: int = 4096):
+        if sigma <= 0 or num_noise < 1:
+            raise ConfigError("smoothed objective needs sigma > 0 and num_noise >= 1")
+        self.sigma = float(sigma)
+        self.num_noise = int(num_noise)
+        self.batch = int(batch)
+
+    def __call__(self, model, x, y, target):
+        m = self.num_noise
+        per = max(1, self.batch // m)
+        probs = []
+        for s in range(0, x.shape[0], per):
+            xs = x[s:s + per]
+            rep = xs.repeat_interleave(m, dim=0)
+            noisy = rep + self.sigma * torch.randn_like(rep)
+            p = F.softmax(model(noisy), dim=1).view(xs.shape[0], m, -1).mean(dim=1)
+            probs.append(p)
+        logp = torch.cat(probs).clamp_min(1e-12).log()
+        cls = y if target is None else target
+        nll = F.nll_loss(logp, cls, reduction="none")
+        return ObjectiveOutput(nll if target is None else -nll, logp)
+
+    def describe(self) -> str:
+        return f"smoothed(sigma={self.sigma}, num_noise={self.num_noise})"
+
+
+@dataclass(frozen=True)
+class SmoothAdvConfig(NativeConfig):
+    """PGD settings plus the smoothing noise ``sigma`` and draws per step ``num_noise``."""
+
+    sigma: float = 0.25
+    num_noise: int = 16
+
+
+class SmoothAdv(PGD):
+    """SmoothAdv PGD (Salman et al. 2019) on the smoothed soft classifier of the attacked base
+    model; l2 by default in practice, zero start, step 2 * eps / steps."""
+
+    config_class = SmoothAdvConfig
+    cost_rank = 60
+    step_factor = 2.0
+
+    def objective(self) -> Any:
+        if self.config.objective is not None:
+            return self.config.objective
+        return SmoothedObjective(self.config.sigma, self.config.num_noise)
+
+
+register_attack("smoothadv", SmoothAdv, steps=20, random_start=False)

@@ -1,0 +1,354 @@
+"""The attack interface: a frozen config, ``attack(model, x, y) -> x_adv``, and a registry.
+
+Every attack
+
+- is configured by a frozen dataclass (`AttackConfig` or a subclass) holding the threat model,
+  steps, step size, restarts, loss, targeted mode and seed;
+- is called as ``attack(model, x, y)`` (or ``attack.run(...)`` for per-example details) and works
+  on the model's device, in the input's dtype, returning a tensor of the input's shape, dtype
+  and device;
+- never prints, never touches the global RNG state visible to the caller (randomness comes from
+  a `torch.Generator`; code that draws from the global RNG, such as a randomized model or a
+  third-party attack, runs inside a forked RNG seeded from that generator), and restores the
+  model's train/eval mode (per module) and every parameter's ``requires_grad`` afterwards.
+
+    attack = create_attack("apgd-ce", ThreatModel.parse("linf:8/255"), steps=50)
+    x_adv = attack(model, x, y)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import fnmatch
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from bastion.errors import BastionError, ConfigError
+from bastion.threat import ThreatModel
+
+
+class AttackError(BastionError):
+    """An attack cannot run as configured (missing extra, unsupported mode, bad inputs)."""
+
+
+LOSSES = ("ce", "margin", "dlr")
+_LOSS_ALIASES = {"ce": "ce", "xent": "ce", "cross_entropy": "ce", "margin": "margin", "cw": "margin",
+                 "dlr": "dlr"}
+TARGET_SELECTIONS = ("random", "least_likely")
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """Hyper-parameters shared by every attack. ``None`` means "the attack's default".
+
+    threat: the Lp ball (and the [0, 1] box) the adversary must stay in.
+    steps: gradient steps (iterations) per restart.   step_size: in pixel units (None: attack default).
+    restarts: random restarts (each only on examples not yet broken).
+    loss: ``ce``, ``margin`` (alias ``cw``) or ``dlr`` (objective to maximise).
+    targeted: aim at a target class (given as ``y_target`` at call time, else chosen by ``target``:
+    ``random`` non-true class or ``least_likely`` class at the clean input).
+    seed: seeds the attack's generator when the caller passes none.
+    random_start: start from a random point of the ball.   eot_iter: gradient draws averaged per step
+    (Expectation over Transformation, for randomized models).
+    """
+
+    threat: ThreatModel
+    steps: int | None = None
+    step_size: float | None = None
+    restarts: int = 1
+    loss: str = "ce"
+    targeted: bool = False
+    target: str = "random"
+    seed: int = 0
+    random_start: bool = True
+    eot_iter: int = 1
+
+    def __post_init__(self) -> None:
+        threat = self.threat
+        if isinstance(threat, str):
+            threat = ThreatModel.parse(threat)
+        if not isinstance(threat, ThreatModel):
+            raise ConfigError(f"attack threat must be a ThreatModel or a string like 'linf:8/255', got {threat!r}")
+        object.__setattr__(self, "threat", threat)
+        loss = _LOSS_ALIASES.get(str(self.loss).lower())
+        if loss is None:
+            raise ConfigError(f"unknown attack loss {self.loss!r}: use one of {', '.join(LOSSES)}")
+        object.__setattr__(self, "loss", loss)
+        if self.steps is not None and int(self.steps) < 1:
+            raise ConfigError(f"attack steps must be >= 1, got {self.steps}")
+        if self.step_size is not None and not float(self.step_size) > 0:
+            raise ConfigError(f"attack step_size must be > 0, got {self.step_size}")
+        if int(self.restarts) < 1:
+            raise ConfigError(f"attack restarts must be >= 1, got {self.restarts}")
+        if int(self.eot_iter) < 1:
+            raise ConfigError(f"attack eot_iter must be >= 1, got {self.eot_iter}")
+        if self.target not in TARGET_SELECTIONS:
+            raise ConfigError(f"unknown target selection {self.target!r}: use one of {', '.join(TARGET_SELECTIONS)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly description (for run configs and records); objects become their repr."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, ThreatModel):
+                v = str(v)
+            elif isinstance(v, tuple):
+                v = [list(t) if isinstance(t, tuple) else t for t in v]
+            elif v is not None and not isinstance(v, (bool, int, float, str)):
+                v = getattr(v, "describe", lambda v=v: repr(v))()
+            out[f.name] = v
+        return out
+
+
+@dataclass
+class AttackResult:
+    """What an attack found for each example of the batch.
+
+    x_adv: the strongest adversary per example (an adversarial one where found, else the highest
+    loss point seen; ``x`` itself for examples already misclassified). success: the attack's own
+    claim that ``x_adv`` is adversarial (the evaluator re-checks). step: gradient step at which the
+    example broke, counted over restarts/targets (0 = at the start point), -1 when not broken or
+    unknown. broken_by: for composite attacks (AutoAttack), the sub-attack that broke each example.
+    notes: warnings collected during the run (e.g. AutoAttack's checks), as one-line strings.
+    """
+
+    x_adv: torch.Tensor
+    success: torch.Tensor
+    step: torch.Tensor
+    broken_by: list[str | None] | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model and RNG hygiene
+# ---------------------------------------------------------------------------------------------
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (or buffer); CPU for a stateless module."""
+    p = next(iter(model.parameters()), None)
+    if p is not None:
+        return p.device
+    b = next(iter(model.buffers()), None)
+    return b.device if b is not None else torch.device("cpu")
+
+
+@contextlib.contextmanager
+def attack_mode(model: nn.Module, eval_mode: bool = True) -> Iterator[None]:
+    """Put ``model`` in eval mode with frozen parameters; restore every module's mode and every
+    parameter's ``requires_grad`` on exit (also on error)."""
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        if eval_mode:
+            model.eval()
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for m, t in modes:
+            m.training = t
+        for p, r in flags:
+            p.requires_grad_(r)
+
+
+@contextlib.contextmanager
+def forked_rng(device: torch.device, generator: torch.Generator) -> Iterator[None]:
+    """Run a block with the global RNG of the CPU (and of ``device`` when CUDA) seeded from
+    ``generator``; the caller's global RNG state is restored afterwards."""
+    seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=generator.device))
+    cuda = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda, device_type="cuda"):
+        torch.default_generator.manual_seed(seed)
+        if cuda:
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        yield
+
+
+def child_generator(generator: torch.Generator, device: torch.device | None = None) -> torch.Generator:
+    """A new generator on ``device`` seeded by one draw of ``generator`` (independent streams)."""
+    seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=generator.device))
+    g = torch.Generator(device=device if device is not None else generator.device)
+    g.manual_seed(seed)
+    return g
+
+
+def select_targets(logits: torch.Tensor, y: torch.Tensor, how: str, generator: torch.Generator) -> torch.Tensor:
+    """Target classes != y: uniformly random (``random``) or the lowest logit (``least_likely``)."""
+    k = logits.shape[1]
+    if k < 2:
+        raise AttackError("targeted attacks need at least 2 classes")
+    if how == "least_likely":
+        masked = logits.detach().clone()
+        masked[torch.arange(len(y), device=y.device), y] = float("inf")
+        return masked.argmin(dim=1)
+    off = torch.randint(1, k, y.shape, generator=generator, device=generator.device).to(y.device)
+    return (y + off) % k
+
+
+_DEFAULT_GENERATOR: contextvars.ContextVar[torch.Generator | None] = contextvars.ContextVar(
+    "bastion_attack_default_generator", default=None)
+
+
+def generator_is_default(generator: torch.Generator) -> bool:
+    """True when ``generator`` is the one `Attack.run` made from ``config.seed`` (caller passed none)."""
+    return _DEFAULT_GENERATOR.get() is generator
+
+
+# ---------------------------------------------------------------------------------------------
+# The base class
+# ---------------------------------------------------------------------------------------------
+
+class Attack:
+    """Base class. Subclasses set ``config_class`` and implement ``_run``.
+
+    Class attributes: ``gradient_free`` (a black-box attack: its successes after white-box attacks
+    failed hint at gradient masking), ``supports_targeted``, ``default_strength`` (used to order
+    attacks cheapest first when the user gives no order)."""
+
+    config_class: type[AttackConfig] = AttackConfig
+    gradient_free: bool = False
+    supports_targeted: bool = True
+    cost_rank: int = 50
+
+    def __init__(self, config: AttackConfig, name: str | None = None):
+        if not isinstance(config, self.config_class):
+            raise ConfigError(f"{type(self).__name__} needs a {self.config_class.__name__}, "
+                              f"got {type(config).__name__}")
+        if config.targeted and not self.supports_targeted:
+            raise ConfigError(f"attack {name or type(self).__name__!r} has no targeted mode")
+        self.config = config
+        self.name = name or type(self).__name__.lower()
+
+    @property
+    def threat(self) -> ThreatModel:
+        return self.config.threat
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, config={self.config})"
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, **self.config.to_dict()}
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, y_target: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Adversarial examples for ``(x, y)``: same shape, dtype and device as ``x``."""
+        return self.run(model, x, y, y_target=y_target, generator=generator).x_adv
+
+    def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, y_target: torch.Tensor | None = None,
+            generator: torch.Generator | None = None) -> AttackResult:
+        """Run the attack and return per-example details (`AttackResult`)."""
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 2:
+            raise AttackError("attack inputs x must be a floating-point tensor (N, ...) with values in [0, 1]")
+        if y.shape != x.shape[:1]:
+            raise AttackError(f"labels y must have shape ({x.shape[0]},), got {tuple(y.shape)}")
+        if x.numel() and (float(x.min()) < 0 or float(x.max()) > 1):
+            raise AttackError("attack inputs must lie in [0, 1]; keep normalization inside the model")
+        if y_target is not None and not self.config.targeted:
+            raise AttackError(f"attack {self.name!r} got y_target but is not targeted; create it with targeted=True")
+        device = model_device(model)
+        in_device = x.device
+        xd = x.detach().to(device)
+        yd = y.detach().to(device).long()
+        td = y_target.detach().to(device).long() if y_target is not None else None
+        default_gen = None
+        if generator is None:
+            generator = default_gen = torch.Generator(device=device)
+            generator.manual_seed(int(self.config.seed))
+        n = xd.shape[0]
+        if n == 0:
+            empty = torch.zeros(0, dtype=torch.bool, device=in_device)
+            return AttackResult(x.detach().clone(), empty, torch.zeros(0, dtype=torch.long, device=in_device))
+        token = _DEFAULT_GENERATOR.set(default_gen)
+        try:
+            with attack_mode(model), forked_rng(device, generator):
+                if self.config.targeted and td is None:
+                    with torch.no_grad():
+                        td = select_targets(model(xd), yd, self.config.target, generator)
+                res = self._run(model, xd, yd, td, generator)
+        finally:
+            _DEFAULT_GENERATOR.reset(token)
+        res.x_adv = res.x_adv.detach().to(device=in_device, dtype=x.dtype)
+        res.success = res.success.to(in_device)
+        res.step = res.step.to(in_device)
+        return res
+
+    def _run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, y_target: torch.Tensor | None,
+             generator: torch.Generator) -> AttackResult:
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Entry:
+    cls: type[Attack]
+    defaults: dict[str, Any]
+    doc: str
+
+
+_REGISTRY: dict[str, _Entry] = {}
+# Prefix handlers: "torchattacks:<Name>" and the like. fn(suffix, threat, params) -> Attack
+_PREFIXES: dict[str, Callable[[str, ThreatModel, dict[str, Any]], Attack]] = {}
+
+
+def register_attack(name: str, cls: type[Attack], doc: str = "", **defaults: Any) -> None:
+    """Register ``name`` -> ``cls`` with default parameters (overridable in `create_attack`)."""
+    if name in _REGISTRY:
+        raise ConfigError(f"attack {name!r} is registered twice")
+    fields = {f.name for f in dataclasses.fields(cls.config_class)}
+    bad = [k for k in defaults if k not in fields]
+    if bad:
+        raise ConfigError(f"attack {name!r}: defaults {bad} are not fields of {cls.config_class.__name__}")
+    _REGISTRY[name] = _Entry(cls, dict(defaults), doc or (cls.__doc__ or "").strip().split("\n")[0])
+
+
+def register_attack_prefix(prefix: str, factory: Callable[[str, ThreatModel, dict[str, Any]], Attack]) -> None:
+    """Register a family of names ``prefix:<suffix>`` built by ``factory(suffix, threat, params)``."""
+    _PREFIXES[prefix] = factory
+
+
+def list_attacks(pattern: str = "*") -> list[str]:
+    """Registered attack names matching a shell-style pattern, sorted (prefix families as ``p:<Name>``)."""
+    names = list(_REGISTRY) + [f"{p}:<Name>" for p in _PREFIXES]
+    return sorted(n for n in names if fnmatch.fnmatch(n, pattern))
+
+
+def is_attack(name: str) -> bool:
+    return name in _REGISTRY or (":" in name and name.split(":", 1)[0] in _PREFIXES)
+
+
+def attack_doc(name: str) -> str:
+    return _REGISTRY[name].doc if name in _REGISTRY else ""
+
+
+def create_attack(name: str, threat: ThreatModel | str, **params: Any) -> Attack:
+    """Build a registered attack: ``create_attack("pgd", "linf:8/255", steps=20)``.
+
+    Unknown names or parameters raise `ConfigError` naming them."""
+    threat = ThreatModel.parse(threat) if isinstance(threat, str) else threat
+    if ":" in name and name not in _REGISTRY:
+        prefix, suffix = name.split(":", 1)
+        if prefix in _PREFIXES:
+            return _PREFIXES[prefix](suffix, threat, dict(params))
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown attack {name!r}; available: {', '.join(list_attacks())}")
+    entry = _REGISTRY[name]
+    fields = {f.name for f in dataclasses.fields(entry.cls.config_class)} - {"threat"}
+    unknown = sorted(k for k in params if k not in fields)
+    if unknown:
+        raise ConfigError(f"attack {name!r} has no parameter(s) {unknown}; it takes {sorted(fields)}")
+    kw = {**entry.defaults, **params}
+    try:
+        config = entry.cls.config_class(threat=threat, **kw)
+    except TypeError as exc:
+        raise ConfigError(f"bad parameters for attack {name!r}: {exc}") from None
+    return entry.cls(config, name=name)

@@ -1,0 +1,393 @@
+"""Native white-box attacks: FGSM, PGD and APGD (CE, DLR, targeted), with EOT.
+
+One engine per update rule, shared by every loss and composite objective:
+
+- every example is first checked at its clean point (already misclassified: nothing to do);
+- only examples that are still correctly classified keep being attacked (per-example early
+  exit: the active batch shrinks as examples break, so a model that breaks early is cheap);
+- restarts (and APGD-T's target classes) run only on examples not yet broken;
+- the result is the strongest adversary per example: the first adversarial point found, else
+  the highest-loss point seen over all steps and restarts;
+- ``eot_iter = k`` averages the loss gradient over k forward passes (Expectation over
+  Transformation) for randomized models; success then means a majority of the k draws
+  mispredict.
+
+APGD follows Croce & Hein (ICML 2020, "Reliable evaluation of adversarial robustness with an
+ensemble of diverse parameter-free attacks"): step size 2*eps, momentum 0.75 after the first
+step, checkpoints at w_j = ceil(p_j * N) with p_0 = 0, p_1 = 0.22,
+p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06); at a checkpoint the step size of an example is
+halved, and it restarts from its best point, when its loss increased in fewer than rho * (w_j - w_{j-1})
+of the steps since the last checkpoint, or when its step size was not reduced at the last
+checkpoint and its best loss has not improved since.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from attacks.base import Attack, AttackConfig, AttackError, AttackResult, register_attack
+from attacks.objectives import LossObjective, Objective
+from bastion.errors import ConfigError
+from bastion.threat import ThreatModel
+
+
+@dataclass(frozen=True)
+class NativeConfig(AttackConfig):
+    """`AttackConfig` plus ``objective``: a composite objective (see `attacks.adaptive`) used
+    instead of the plain ``loss`` (None: the loss on the model's logits)."""
+
+    objective: Any = None
+
+
+@dataclass(frozen=True)
+class APGDConfig(NativeConfig):
+    """``rho``: checkpoint threshold; ``n_target_classes``: APGD-T's targets (the top classes)."""
+
+    rho: float = 0.75
+    n_target_classes: int = 9
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < self.rho <= 1:
+            raise ConfigError(f"apgd rho must be in (0, 1], got {self.rho}")
+        if self.n_target_classes < 1:
+            raise ConfigError(f"apgd n_target_classes must be >= 1, got {self.n_target_classes}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared pieces
+# ---------------------------------------------------------------------------------------------
+
+def _bshape(x: torch.Tensor) -> tuple[int, ...]:
+    return (-1,) + (1,) * (x.dim() - 1)
+
+
+def _direction(threat: ThreatModel, g: torch.Tensor) -> torch.Tensor:
+    if threat.norm == "linf":
+        return g.sign()
+    return g / g.flatten(1).norm(dim=1).clamp_min(1e-12).view(_bshape(g))
+
+
+def _sub(t: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
+    return None if t is None else t[idx]
+
+
+def evaluate_objective(objective: Objective, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                       loss_target: torch.Tensor | None, goal_target: torch.Tensor | None, eot: int,
+                       need_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(loss, success, gradient) at ``x``, averaged over ``eot`` draws of the model's randomness.
+
+    success: prediction != y (untargeted, ``goal_target`` None) or == goal_target, and the
+    objective's extra condition; with eot > 1 a majority of draws must succeed."""
+    grad = None
+    loss_sum = None
+    succ_sum = None
+    if need_grad:
+        x = x.detach().requires_grad_(True)
+    for _ in range(eot):
+        with torch.set_grad_enabled(need_grad):
+            out = objective(model, x, y, loss_target)
+            if need_grad:
+                (g,) = torch.autograd.grad(out.loss.sum(), x)
+                grad = g if grad is None else grad + g
+        with torch.no_grad():
+            pred = out.logits.detach().argmax(dim=1)
+            s = pred != y if goal_target is None else pred == goal_target
+            if out.valid is not None:
+                s = s & out.valid.detach().bool()
+            loss = out.loss.detach()
+            loss_sum = loss if loss_sum is None else loss_sum + loss
+            succ_sum = s.to(loss.dtype) if succ_sum is None else succ_sum + s.to(loss.dtype)
+    if eot == 1:
+        return loss_sum, succ_sum > 0.5, grad
+    return loss_sum / eot, succ_sum > eot / 2, (grad / eot if grad is not None else None)
+
+
+class _Outcome:
+    """Per-example bookkeeping shared by the engines (global batch positions)."""
+
+    def __init__(self, x: torch.Tensor, loss0: torch.Tensor, success0: torch.Tensor):
+        n = x.shape[0]
+        self.x_adv = x.clone()
+        self.best = loss0.clone()
+        self.success = success0.clone()
+        self.step = torch.full((n,), -1, dtype=torch.long, device=x.device)
+        self.step[success0] = 0
+
+    def hit(self, idx: torch.Tensor, mask: torch.Tensor, x_cur: torch.Tensor, step: int) -> None:
+        pos = idx[mask]
+        self.x_adv[pos] = x_cur[mask]
+        self.success[pos] = True
+        self.step[pos] = step
+
+    def keep_best(self, idx: torch.Tensor, loss: torch.Tensor, x_best: torch.Tensor) -> None:
+        if idx.numel() == 0:
+            return
+        better = loss > self.best[idx]
+        pos = idx[better]
+        self.x_adv[pos] = x_best[better]
+        self.best[pos] = loss[better]
+
+    def remaining(self) -> torch.Tensor:
+        return (~self.success).nonzero().flatten()
+
+    def result(self) -> AttackResult:
+        return AttackResult(self.x_adv, self.success, self.step)
+
+
+class NativeAttack(Attack):
+    config_class = NativeConfig
+
+    def objective(self) -> Objective:
+        return self.config.objective if self.config.objective is not None else LossObjective(self.config.loss)
+
+    def _start(self, model, x, y, loss_target, goal_target) -> _Outcome:
+        loss, succ, _ = evaluate_objective(self.objective(), model, x, y, loss_target, goal_target,
+                                           self.config.eot_iter, need_grad=False)
+        return _Outcome(x, loss, succ)
+
+
+# ---------------------------------------------------------------------------------------------
+# PGD / FGSM
+# ---------------------------------------------------------------------------------------------
+
+def pgd_engine(model: nn.Module, x: torch.Tensor, y: torch.Tensor, objective: Objective, threat: ThreatModel,
+               steps: int, step_size: float, restarts: int, random_start: bool, eot: int,
+               generator: torch.Generator, out: _Outcome, loss_target: torch.Tensor | None = None,
+               goal_target: torch.Tensor | None = None, step_offset: int = 0) -> _Outcome:
+    """Projected gradient ascent on ``objective`` (signed steps for linf, normalized for l2),
+    attacking only the examples ``out`` has not broken yet."""
+    for r in range(restarts):
+        idx = out.remaining()
+        if idx.numel() == 0:
+            break
+        x0, yy = x[idx], y[idx]
+        lt, gt = _sub(loss_target, idx), _sub(goal_target, idx)
+        xc = threat.random_start(x0, generator) if random_start else x0.clone()
+        best, xb = out.best[idx], out.x_adv[idx]
+        base = step_offset + r * steps
+        for k in range(steps + 1):
+            need = k < steps
+            loss, succ, g = evaluate_objective(objective, model, xc, yy, lt, gt, eot, need)
+            better = loss > best
+            best = torch.where(better, loss, best)
+            xb = torch.where(better.view(_bshape(xc)), xc, xb)
+            if bool(succ.any()):
+                out.hit(idx, succ, xc, base + k)
+                keep = ~succ
+                idx, xc, x0, yy, best, xb = idx[keep], xc[keep], x0[keep], yy[keep], best[keep], xb[keep]
+                lt, gt = _sub(lt, keep), _sub(gt, keep)
+                if g is not None:
+                    g = g[keep]
+                if idx.numel() == 0:
+                    break
+            if not need:
+                break
+            with torch.no_grad():
+                xc = threat.project(x0, xc + step_size * _direction(threat, g))
+        out.keep_best(idx, best, xb)
+    return out
+
+
+class PGD(NativeAttack):
+    """Projected gradient descent (Madry et al. 2018): linf or l2, CE/margin/DLR losses, random
+    start, restarts; default step size 2.5 * eps / steps."""
+
+    cost_rank = 20
+    step_factor = 2.5  # default step size = step_factor * eps / steps
+
+    def _run(self, model, x, y, y_target, generator):
+        cfg = self.config
+        steps = int(cfg.steps or 10)
+        alpha = float(cfg.step_size) if cfg.step_size is not None else self.step_factor * cfg.threat.eps / steps
+        goal = y_target if cfg.targeted else None
+        out = self._start(model, x, y, y_target, goal)
+        pgd_engine(model, x, y, self.objective(), cfg.threat, steps, alpha, cfg.restarts, cfg.random_start,
+                   cfg.eot_iter, generator, out, y_target, goal)
+        return out.result()
+
+
+class FGSM(NativeAttack):
+    """Fast gradient sign method (Goodfellow et al. 2015): one step of size eps (l2: normalized
+    gradient); optional random start (FGSM-RS) with a smaller step."""
+
+    cost_rank = 10
+
+    def _run(self, model, x, y, y_target, generator):
+        cfg = self.config
+        if cfg.steps not in (None, 1):
+            raise AttackError("fgsm takes exactly one step; use pgd for more")
+        alpha = float(cfg.step_size) if cfg.step_size is not None else cfg.threat.eps
+        goal = y_target if cfg.targeted else None
+        out = self._start(model, x, y, y_target, goal)
+        pgd_engine(model, x, y, self.objective(), cfg.threat, 1, alpha, cfg.restarts, cfg.random_start,
+                   cfg.eot_iter, generator, out, y_target, goal)
+        return out.result()
+
+
+# ---------------------------------------------------------------------------------------------
+# APGD
+# ---------------------------------------------------------------------------------------------
+
+def apgd_checkpoints(n_iter: int) -> list[int]:
+    """Iterations w_j (1 <= w_j <= n_iter) at which APGD may halve its step size."""
+    p = [0.0, 0.22]
+    while p[-1] < 1:
+        p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
+    pts = [math.ceil(round(q * n_iter, 9)) for q in p[1:] if round(q, 9) <= 1]
+    return sorted({w for w in pts if 1 <= w <= n_iter})
+
+
+def _record(out: _Outcome, st: dict[str, torch.Tensor], succ: torch.Tensor, step: int) -> bool:
+    """Store successes of the active APGD state ``st``, drop them from it; True when none is left."""
+    if bool(succ.any()):
+        out.hit(st["idx"], succ, st["xk"], step)
+        keep = ~succ
+        for key in list(st):
+            st[key] = st[key][keep]
+    return st["idx"].numel() == 0
+
+
+def apgd_engine(model: nn.Module, x: torch.Tensor, y: torch.Tensor, objective: Objective, threat: ThreatModel,
+                steps: int, rho: float, restarts: int, random_start: bool, eot: int, generator: torch.Generator,
+                out: _Outcome, loss_target: torch.Tensor | None = None, goal_target: torch.Tensor | None = None,
+                step_offset: int = 0, eta0: float | None = None) -> _Outcome:
+    """Auto-PGD (see module docstring) on the examples ``out`` has not broken yet."""
+    ckpts = set(apgd_checkpoints(steps))
+    eta_init = 2.0 * threat.eps if eta0 is None else eta0
+    for r in range(restarts):
+        idx = out.remaining()
+        if idx.numel() == 0:
+            break
+        base = step_offset + r * steps
+        x0, yy = x[idx], y[idx]
+        lt, gt = _sub(loss_target, idx), _sub(goal_target, idx)
+        xk = threat.random_start(x0, generator) if random_start else x0.clone()
+        loss, succ, g = evaluate_objective(objective, model, xk, yy, lt, gt, eot, need_grad=steps > 0)
+        # state of the active examples (compacted together when some break)
+        st: dict[str, torch.Tensor] = {}
+        st["idx"], st["x0"], st["y"] = idx, x0, yy
+        if lt is not None:
+            st["lt"] = lt
+        if gt is not None:
+            st["gt"] = gt
+        st["xk"], st["xprev"], st["g"] = xk, xk, g
+        st["eta"] = torch.full((idx.numel(),), eta_init, dtype=x.dtype, device=x.device)
+        st["fmax"], st["xmax"], st["gmax"] = loss, xk, g
+        st["fprev"] = loss
+        st["incr"] = torch.zeros_like(loss)
+        st["fmax_ckpt"] = loss
+        st["reduced"] = torch.zeros_like(succ)
+
+        if _record(out, st, succ, base):
+            continue
+        last_w = 0
+        for i in range(steps):
+            shape = _bshape(st["xk"])
+            with torch.no_grad():
+                xk, x0 = st["xk"], st["x0"]
+                eta = st["eta"].view(shape)
+                z = threat.project(x0, xk + eta * _direction(threat, st["g"]))
+                if i > 0:
+                    z = threat.project(x0, xk + 0.75 * (z - xk) + 0.25 * (xk - st["xprev"]))
+                st["xprev"], st["xk"] = xk, z
+            need = (i + 1) < steps
+            loss, succ, g = evaluate_objective(objective, model, st["xk"], st["y"], st.get("lt"), st.get("gt"),
+                                               eot, need)
+            st["g"] = g if g is not None else st["g"]
+            st["incr"] = st["incr"] + (loss > st["fprev"]).to(loss.dtype)
+            st["fprev"] = loss
+            better = loss > st["fmax"]
+            st["fmax"] = torch.where(better, loss, st["fmax"])
+            st["xmax"] = torch.where(better.view(shape), st["xk"], st["xmax"])
+            st["gmax"] = torch.where(better.view(shape), st["g"], st["gmax"])
+            if _record(out, st, succ, base + i + 1):
+                break
+            if (i + 1) in ckpts and need:
+                h = (i + 1) - last_w
+                cond1 = st["incr"] < rho * h
+                cond2 = (~st["reduced"]) & (st["fmax"] <= st["fmax_ckpt"])
+                red = cond1 | cond2
+                rs = red.view(shape)
+                st["eta"] = torch.where(red, st["eta"] / 2, st["eta"])
+                st["xk"] = torch.where(rs, st["xmax"], st["xk"])
+                st["xprev"] = torch.where(rs, st["xmax"], st["xprev"])
+                st["g"] = torch.where(rs, st["gmax"], st["g"])
+                st["fprev"] = torch.where(red, st["fmax"], st["fprev"])
+                st["reduced"] = red
+                st["fmax_ckpt"] = st["fmax"].clone()
+                st["incr"] = torch.zeros_like(st["incr"])
+                last_w = i + 1
+        if st["idx"].numel():
+            out.keep_best(st["idx"], st["fmax"], st["xmax"])
+    return out
+
+
+class APGD(NativeAttack):
+    """Auto-PGD (Croce & Hein 2020) on CE (apgd-ce), DLR (apgd-dlr) or any objective; 100
+    iterations by default; targeted=True aims at the given/selected targets."""
+
+    config_class = APGDConfig
+    cost_rank = 30
+
+    def _run(self, model, x, y, y_target, generator):
+        cfg = self.config
+        steps = int(cfg.steps or 100)
+        goal = y_target if cfg.targeted else None
+        out = self._start(model, x, y, y_target, goal)
+        apgd_engine(model, x, y, self.objective(), cfg.threat, steps, cfg.rho, cfg.restarts, cfg.random_start,
+                    cfg.eot_iter, generator, out, y_target, goal, eta0=cfg.step_size)
+        return out.result()
+
+
+class APGDTargeted(NativeAttack):
+    """APGD-T (Croce & Hein 2020): APGD on the targeted DLR loss towards each of the
+    ``n_target_classes`` highest-scoring wrong classes in turn, each on examples still robust;
+    success = misclassification. With targeted=True it aims at the given/selected targets."""
+
+    config_class = APGDConfig
+    cost_rank = 40
+
+    def _run(self, model, x, y, y_target, generator):
+        cfg = self.config
+        steps = int(cfg.steps or 100)
+        obj = self.objective()
+        if cfg.targeted:
+            out = self._start(model, x, y, y_target, y_target)
+            apgd_engine(model, x, y, obj, cfg.threat, steps, cfg.rho, cfg.restarts, cfg.random_start,
+                        cfg.eot_iter, generator, out, y_target, y_target, eta0=cfg.step_size)
+            return out.result()
+        out = self._start(model, x, y, None, None)
+        with torch.no_grad():
+            logits = model(x)
+        k = logits.shape[1]
+        n_targets = min(cfg.n_target_classes, k - 1)
+        order = logits.argsort(dim=1, descending=True)
+        for j in range(n_targets):
+            if not bool((~out.success).any()):
+                break
+            target = order[:, j + 1]  # examples still robust have y == order[:, 0]
+            apgd_engine(model, x, y, obj, cfg.threat, steps, cfg.rho, cfg.restarts, cfg.random_start,
+                        cfg.eot_iter, generator, out, target, None, step_offset=j * cfg.restarts * steps,
+                        eta0=cfg.step_size)
+        return out.result()
+
+
+register_attack("fgsm", FGSM, random_start=False)
+register_attack("pgd", PGD, steps=10)
+register_attack("pgd-margin", PGD, doc="PGD on the margin (Carlini-Wagner) loss.", steps=10, loss="margin")
+register_attack("pgd-dlr", PGD, doc="PGD on the DLR loss.", steps=10, loss="dlr")
+register_attack("apgd-ce", APGD, doc="APGD on cross-entropy (AutoAttack's first attack).", loss="ce")
+register_attack("apgd-dlr", APGD, doc="APGD on the DLR loss.", loss="dlr")
+register_attack("apgd-t", APGDTargeted, doc="APGD-T: targeted DLR over the top wrong classes.", loss="dlr")
+register_attack("eot-pgd", PGD, doc="PGD with gradients averaged over eot_iter draws (randomized models).",
+                steps=10, eot_iter=10)
+register_attack("eot-apgd", APGD, doc="APGD-CE with gradients averaged over eot_iter draws (as AutoAttack rand).",
+                loss="ce", eot_iter=20)
+register_attack("eot-apgd-dlr", APGD, doc="APGD-DLR with EOT over eot_iter draws (as AutoAttack rand).",
+                loss="dlr", eot_iter=20)

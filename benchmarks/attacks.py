@@ -1,0 +1,207 @@
+"""Attack benchmark: Bastion's attacks side by side with the reference tools, in one run.
+
+    python benchmarks/attacks.py                 # full (a few minutes on 2 CPU cores)
+    python benchmarks/attacks.py --quick         # smaller data, for a smoke run
+
+On a fixed model (small CNN trained on digits with a fixed seed) and the digits test split:
+
+(a) native PGD-k vs ``torchattacks.PGD`` with the same steps, step size (2.5 eps / k), random
+    start and one restart: robust accuracy of each and the wall-time ratio, at an epsilon where
+    most examples break early and at one where none break;
+(b) Bastion's ``autoattack`` (standard version) vs pyautoattack's ``AutoAttack`` called directly
+    with the same seed: robust accuracy of each and the overhead;
+(c) the fraction of each attack's wall time spent inside the model's forward and backward passes.
+
+Wall times are the median of ``--repeats`` interleaved runs; one thread (``torch.set_num_threads``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from attacks import create_attack  # noqa: E402
+from bastion.data import load_dataset  # noqa: E402
+from bastion.models import create_model  # noqa: E402
+
+
+def train_model(seed: int = 0, epochs: int = 15) -> nn.Module:
+    tr = load_dataset("digits", "train")
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    model = create_model("small_cnn", 10, 1, 8)
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    for _ in range(epochs):
+        perm = torch.randperm(len(tr), generator=g)
+        for i in range(0, len(tr), 64):
+            b = perm[i:i + 64]
+            loss = F.cross_entropy(model(tr.images[b]), tr.labels[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    opt.zero_grad(set_to_none=True)
+    return model.eval()
+
+
+class _Mark(torch.autograd.Function):
+    """Identity whose backward records the time it runs (to bracket the model's backward)."""
+
+    @staticmethod
+    def forward(ctx, x, clock, key):
+        ctx.clock, ctx.key = clock, key
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        ctx.clock.stamp(ctx.key)
+        return g, None, None
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.forward = 0.0
+        self.backward = 0.0
+        self._t = {}
+
+    def stamp(self, key: str) -> None:
+        now = time.perf_counter()
+        if key == "out":       # backward reaches the output first ...
+            self._t["out"] = now
+        elif "out" in self._t:  # ... and the input last
+            self.backward += now - self._t.pop("out")
+
+
+class Timed(nn.Module):
+    """Wraps a model and accumulates the time spent in its forward and backward passes."""
+
+    def __init__(self, model: nn.Module, clock: Clock):
+        super().__init__()
+        self.model, self.clock = model, clock
+
+    def forward(self, x):
+        t0 = time.perf_counter()
+        if torch.is_grad_enabled() and x.requires_grad:
+            x = _Mark.apply(x, self.clock, "in")
+            out = self.model(x)
+            out = _Mark.apply(out, self.clock, "out")
+        else:
+            out = self.model(x)
+        self.clock.forward += time.perf_counter() - t0
+        return out
+
+
+def robust_acc(model, x_adv, y) -> float:
+    with torch.no_grad():
+        return 100.0 * (model(x_adv).argmax(1) == y).float().mean().item()
+
+
+def timed(fn, repeats: int):
+    times, out = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer examples and repeats")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=20)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    import logging
+
+    logging.getLogger("auto-attack").setLevel(logging.ERROR)
+    import torchattacks
+    from pyautoattack import AutoAttack
+
+    model = train_model()
+    te = load_dataset("digits", "test")
+    n = 150 if args.quick else len(te)
+    x, y = te.images[:n], te.labels[:n]
+    repeats = 2 if args.quick else args.repeats
+    k = args.steps
+    clean = robust_acc(model, x, y)
+    rows = []
+
+    # (a) native PGD vs torchattacks PGD
+    for label, eps in (("most break early", 0.2), ("none break", 0.002)):
+        alpha = 2.5 * eps / k
+        ours = create_attack("pgd", f"linf:{eps}", steps=k, step_size=alpha, restarts=1, seed=0)
+        ta = torchattacks.PGD(model, eps=eps, alpha=alpha, steps=k, random_start=True)
+        t_ours, t_ta = [], []
+        for r in range(repeats):  # interleaved so both see the same machine load
+            t, xa = timed(lambda: ours(model, x, y), 1)
+            t_ours.append(t)
+            torch.manual_seed(r)
+            t, xt = timed(lambda: ta(x, y), 1)
+            t_ta.append(t)
+        a_ours, a_ta = robust_acc(model, xa, y), robust_acc(model, xt, y)
+        to, tt = statistics.median(t_ours), statistics.median(t_ta)
+        rows.append([f"(a) PGD-{k} eps={eps} ({label})", f"{a_ours:.2f}", f"{a_ta:.2f}", f"{to:.3f}", f"{tt:.3f}",
+                     f"{to / tt:.2f}"])
+
+    # (b) autoattack adapter vs pyautoattack directly (standard version, same seed)
+    eps_aa = 0.12
+    naa = 100 if args.quick else 200
+    xa_, ya_ = x[:naa], y[:naa]
+    ours_aa = create_attack("autoattack", f"linf:{eps_aa}", version="standard", seed=0)
+    t_o, t_d = [], []
+    for _ in range(1 if args.quick else 2):
+        t, res = timed(lambda: ours_aa.run(model, xa_, ya_), 1)
+        t_o.append(t)
+
+        def direct():
+            aa = AutoAttack(model, eps=eps_aa, norm="Linf", seed=0, version="standard", device="cpu")
+            with torch.random.fork_rng():
+                return aa.run_standard_evaluation(xa_, ya_, batch_size=250)
+
+        t, (xd, _) = timed(direct, 1)
+        t_d.append(t)
+    a_o, a_d = robust_acc(model, res.x_adv, ya_), robust_acc(model, xd, ya_)
+    to, td = statistics.median(t_o), statistics.median(t_d)
+    rows.append([f"(b) AutoAttack standard eps={eps_aa} (n={naa})", f"{a_o:.2f}", f"{a_d:.2f}", f"{to:.3f}",
+                 f"{td:.3f}", f"{to / td:.3f}"])
+    identical = torch.equal(res.x_adv, xd)
+
+    # (c) fraction of wall time inside the model's forward + backward
+    fractions = []
+    for name, make in (("native pgd-20 eps=0.2", lambda m: (lambda: create_attack("pgd", "linf:0.2", steps=k)(m, x, y))),
+                       ("native pgd-20 eps=0.002", lambda m: (lambda: create_attack("pgd", "linf:0.002", steps=k)(m, x, y))),
+                       ("native apgd-ce-100 eps=0.1", lambda m: (lambda: create_attack("apgd-ce", "linf:0.1")(m, x, y))),
+                       ("torchattacks PGD-20 eps=0.002",
+                        lambda m: (lambda: torchattacks.PGD(m, eps=0.002, alpha=2.5 * 0.002 / k, steps=k)(x, y)))):
+        clock = Clock()
+        tm = Timed(model, clock)
+        t, _ = timed(make(tm), 1)
+        fractions.append((name, t, clock.forward, clock.backward))
+
+    print(f"\nmodel: small_cnn on digits (clean accuracy {clean:.2f}% on {n} test images), 1 thread, "
+          f"median of {repeats} runs\n")
+    header = ["comparison", "robust acc Bastion %", "robust acc reference %", "time Bastion s", "time reference s",
+              "time ratio"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+    print(f"\n(b) adversarial examples identical to pyautoattack's: {identical}")
+    print("\n| (c) attack | wall s | forward s | backward s | share in model |")
+    print("|---|---|---|---|---|")
+    for name, t, fw, bw in fractions:
+        print(f"| {name} | {t:.3f} | {fw:.3f} | {bw:.3f} | {100 * (fw + bw) / t:.1f}% |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

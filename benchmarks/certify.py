@@ -1,0 +1,241 @@
+"""Randomized-smoothing benchmark, side by side in one run (CPU by default).
+
+A. Throughput on one base model and the same examples: the *limit* (bare forward + argmax of the
+   model on pre-drawn noise at the same batch size), Bastion *exact* mode, and a faithful
+   *straightforward loop* (one example at a time, batches of the reference size, fresh
+   ``randn`` per batch, counts moved to the host after every batch), in samples per second, plus
+   each one's outcome distribution (they draw different noise, so outcomes agree statistically).
+B. Sequential vs exact mode at n = 100,000 with a report grid up to 2 sigma: samples used and
+   certified accuracy at the reported radii.
+C. 1 worker vs 2 local workers (speedup, wall time including worker start-up).
+A and C run with one torch thread per worker and with torch's default thread count.
+
+    python benchmarks/certify.py --out runs/bench-certify            # full (several minutes on 2 cores)
+    python benchmarks/certify.py --quick                              # a smoke run
+
+Base models are trained here with Gaussian augmentation (sigma 0.25) on the embedded digits:
+``small_cnn`` (width 16) for A and C, the 64-256-256-10 ``mlp`` for B (n = 1e5 on 100 examples is
+10M forward samples per mode, affordable on a shared CPU only for a fast base model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bastion.data import load_dataset  # noqa: E402
+from bastion.models import create_model  # noqa: E402
+from bastion.train import TrainConfig, create_objective, fit  # noqa: E402
+from certify.stats import ABSTAIN, certify_decision  # noqa: E402
+
+
+def train_model(arch: str, kwargs: dict, sigma: float, epochs: int, seed: int = 0):
+    import defenses.gaussian  # noqa: F401
+
+    train = load_dataset("digits", "train")
+    torch.manual_seed(seed)
+    m = create_model(arch, 10, 1, 8, **kwargs)
+    fit(m, train, create_objective("gaussian", sigma=sigma), TrainConfig(epochs=epochs, batch_size=64, lr=0.05,
+                                                                        seed=seed), quiet=True)
+    return m.eval()
+
+
+# --- A: the three samplers --------------------------------------------------------------------
+
+def bare_forward(model, shape, total: int, batch: int) -> float:
+    """Seconds for ``total`` samples of forward + argmax on pre-drawn noise (the limit)."""
+    noise = torch.randn((batch, *shape), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        model(noise).argmax(1)
+        t0 = time.perf_counter()
+        done = 0
+        while done < total:
+            b = min(batch, total - done)
+            model(noise[:b]).argmax(1)
+            done += b
+    return time.perf_counter() - t0
+
+
+def straightforward_certify(model, x, n0: int, n: int, alpha: float, batch: int, sigma: float, k: int,
+                            gen: torch.Generator) -> tuple[int, float]:
+    """The spec's CERTIFY written the plain way: per example, batches of ``batch``, counts on the host."""
+
+    def sample(num: int) -> np.ndarray:
+        counts = np.zeros(k, dtype=np.int64)
+        remaining = num
+        with torch.no_grad():
+            while remaining > 0:
+                b = min(batch, remaining)
+                remaining -= b
+                xb = x.unsqueeze(0).repeat(b, 1, 1, 1)
+                noise = torch.randn(xb.shape, generator=gen) * sigma
+                pred = model(xb + noise).argmax(1)
+                counts += np.bincount(pred.cpu().numpy(), minlength=k)
+        return counts
+
+    c0 = sample(n0)
+    c_a = int(c0.argmax())
+    c = sample(n)
+    pred, rad, _ = certify_decision(c_a, int(c[c_a]), n, alpha, sigma)
+    return pred, rad
+
+
+def outcome(preds, radii, labels, radii_grid):
+    preds, radii, labels = np.array(preds), np.array(radii), np.array(labels)
+    ok = preds == labels
+    return {"abstain": float(np.mean(preds == ABSTAIN)), "correct": float(np.mean(ok)),
+            "mean_radius_correct": float(np.mean(radii[ok])) if ok.any() else 0.0,
+            "certified_accuracy": {f"{r:g}": float(np.mean(ok & (radii >= r))) for r in radii_grid}}
+
+
+def part_a(model, xs, ys, idx, *, n0, n, alpha, batch, sigma, threads, reps):
+    from certify.smoothing import Smooth, chunk_size
+
+    torch.set_num_threads(threads)
+    total = len(xs) * (n0 + n)
+    shape = tuple(xs.shape[1:])
+    smooth = Smooth(model, 10, sigma, seed=0)
+    m = chunk_size(n0, n, batch)
+    # warm-up
+    smooth.certify_many(xs[:1], [-1], n0, min(n, 1000), alpha, batch)
+    best = {"limit": 1e9, "exact": 1e9, "loop": 1e9}
+    res_exact = res_loop = None
+    for _rep in range(reps):                     # interleaved, best of reps (the machine is shared)
+        best["limit"] = min(best["limit"], bare_forward(model, shape, total, batch))
+        t0 = time.perf_counter()
+        certs = []
+        for c in range(0, len(xs), m):
+            certs += smooth.certify_many(xs[c:c + m], idx[c:c + m], n0, n, alpha, batch)
+        best["exact"] = min(best["exact"], time.perf_counter() - t0)
+        res_exact = certs
+        gen = torch.Generator().manual_seed(1)
+        t0 = time.perf_counter()
+        loop = [straightforward_certify(model, x, n0, n, alpha, batch, sigma, 10, gen) for x in xs]
+        best["loop"] = min(best["loop"], time.perf_counter() - t0)
+        res_loop = loop
+    sps = {k: total / v for k, v in best.items()}
+    grid = [0.0, 0.25, 0.5]
+    return {"threads": threads, "samples": total, "samples_per_s": sps,
+            "exact_vs_limit": sps["exact"] / sps["limit"], "exact_vs_loop": sps["exact"] / sps["loop"],
+            "outcomes": {"exact": outcome([c.prediction for c in res_exact], [c.radius for c in res_exact], ys, grid),
+                         "loop": outcome([p for p, _ in res_loop], [r for _, r in res_loop], ys, grid)}}
+
+
+# --- B: sequential vs exact -------------------------------------------------------------------
+
+def part_b(model, xs, ys, idx, *, n0, n, alpha, batch, sigma, threads):
+    from bastion.metrics import certified_accuracy
+    from certify.logs import format_radius
+    from certify.smoothing import Sequential, Smooth, chunk_size
+
+    torch.set_num_threads(threads)
+    smooth = Smooth(model, 10, sigma, seed=0)
+    radii = [k * 0.25 * sigma for k in range(9)]            # 0 .. 2 sigma
+    out = {}
+    for mode in ("exact", "sequential"):
+        seq = Sequential(stop_radius=radii[-1], start=1000) if mode == "sequential" else None
+        m = chunk_size(n0, n, batch)
+        t0 = time.perf_counter()
+        certs = []
+        for c in range(0, len(xs), m):
+            certs += smooth.certify_many(xs[c:c + m], idx[c:c + m], n0, n, alpha, batch, sequential=seq)
+        wall = time.perf_counter() - t0
+        rad = [float(format_radius(c.radius)) for c in certs]
+        ok = [c.prediction == y for c, y in zip(certs, ys)]
+        acc = certified_accuracy(rad, ok, radii)
+        stops: dict[str, int] = {}
+        for c in certs:
+            stops[c.stopped] = stops.get(c.stopped, 0) + 1
+        out[mode] = {"samples_total": int(sum(c.samples for c in certs)), "wall_s": wall,
+                     "certified_accuracy": {f"{r:g}": float(a) for r, a in zip(radii, acc)},
+                     "abstain": float(np.mean([c.prediction == ABSTAIN for c in certs])), "stopped": stops}
+    e, s = out["exact"], out["sequential"]
+    out["sample_ratio"] = e["samples_total"] / s["samples_total"]
+    out["max_accuracy_gap_points"] = max(abs(e["certified_accuracy"][k] - s["certified_accuracy"][k]) * 100
+                                         for k in e["certified_accuracy"])
+    out["examples"] = len(xs)
+    return out
+
+
+# --- C: workers ---------------------------------------------------------------------------------
+
+def part_c(model, data, tmp: Path, *, n0, n, alpha, batch, sigma, threads):
+    from bastion.checkpoints import make_card, save_checkpoint
+    from certify.runner import CertifyOptions, Setting, run_certification
+
+    ck = tmp / "model"
+    save_checkpoint(ck, model, make_card(model, "small_cnn", 10, (1, 8, 8), {"width": 16}, dataset="digits"))
+    opts = CertifyOptions(n0=n0, n=n, alpha=alpha, batch=batch, shard_size=max(1, len(data) // 4))
+    out = {}
+    rows = {}
+    for w in (1, 2):
+        run = tmp / f"w{w}-t{threads}"
+        shutil.rmtree(run, ignore_errors=True)
+        t0 = time.perf_counter()
+        run_certification([Setting("s", str(ck) + ".safetensors", sigma, 10)], data, run, opts, workers=w,
+                          threads=threads, quiet=True, write_reports=False)
+        out[f"wall_s_{w}_workers"] = time.perf_counter() - t0
+        rows[w] = [line.split("\t")[:5] for line in (run / "certify-s.tsv").read_text().splitlines()]
+    out["speedup"] = out["wall_s_1_workers"] / out["wall_s_2_workers"]
+    out["same_rows"] = rows[1] == rows[2]
+    out["threads_per_worker"] = threads or "default"
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/bench-certify")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke run)")
+    ap.add_argument("--parts", default="A,B,C")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    default_threads = torch.get_num_threads()
+    sigma, alpha, n0, batch = 0.25, 0.001, 100, 1000
+    q = args.quick
+    test = load_dataset("digits", "test")
+    results: dict = {"machine": {"torch_threads_default": default_threads, "torch": torch.__version__},
+                     "config": {"sigma": sigma, "alpha": alpha, "n0": n0, "batch": batch}}
+    parts = set(args.parts.upper().split(","))
+    t_all = time.perf_counter()
+    if parts & {"A", "C"}:
+        cnn = train_model("small_cnn", {"width": 16}, sigma, 2 if q else 10)
+    if "A" in parts:
+        sub = test.every(45, 2 if q else 8)
+        n = 2000 if q else 10_000
+        results["A"] = {"model": "small_cnn(width=16)", "n": n, "examples": len(sub), "runs": [
+            part_a(cnn, sub.images, sub.labels.tolist(), sub.indices.tolist(), n0=n0, n=n, alpha=alpha, batch=batch,
+                   sigma=sigma, threads=t, reps=1 if q else 2) for t in sorted({1, default_threads})]}
+        print(json.dumps(results["A"], indent=1), flush=True)
+    if "B" in parts:
+        mlp = train_model("mlp", {}, sigma, 2 if q else 15)
+        sub = test.every(4, 10 if q else 100)
+        n = 10_000 if q else 100_000
+        results["B"] = {"model": "mlp(64-256-256-10)", "n": n, **part_b(
+            mlp, sub.images, sub.labels.tolist(), sub.indices.tolist(), n0=n0, n=n, alpha=alpha, batch=batch,
+            sigma=sigma, threads=1)}
+        print(json.dumps(results["B"], indent=1), flush=True)
+    if "C" in parts:
+        sub = test.every(20, 8 if q else 24)
+        n = 2000 if q else 10_000
+        results["C"] = {"model": "small_cnn(width=16)", "n": n, "examples": len(sub), "runs": [
+            part_c(cnn, sub, out / "workers", n0=n0, n=n, alpha=alpha, batch=batch, sigma=sigma, threads=t)
+            for t in (1, None)]}
+        print(json.dumps(results["C"], indent=1), flush=True)
+    results["total_s"] = time.perf_counter() - t_all
+    (out / "certify_bench.json").write_text(json.dumps(results, indent=2))
+    print(f"wrote {out / 'certify_bench.json'} ({results['total_s']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""Picklable task functions for tests/test_parallel.py (spawned workers import this module)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def square(task):
+    return task * task
+
+
+def threads_and_pid(task):
+    import torch
+
+    return torch.get_num_threads(), os.getpid()
+
+
+def flaky(task):
+    """Fails the first time it sees each task (a marker file records the first attempt)."""
+    value, marker_dir = task
+    marker = Path(marker_dir) / f"seen-{value}"
+    if not marker.exists():
+        marker.write_text("1")
+        if value % 2:
+            raise RuntimeError(f"transient failure on {value}")
+        os._exit(3)  # kill the worker process outright
+    return value
+
+
+def always_fails(task):
+    raise ValueError("permanent failure")
+
+
+def crash(task):
+    os._exit(5)

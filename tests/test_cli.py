@@ -1,0 +1,161 @@
+"""End-to-end CLI tests: one-line user errors, resume after SIGKILL, TOML configs, reports."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from experiments.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bastion(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "experiments", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def start(*args: str, cwd: Path) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "experiments", *args], cwd=cwd, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def lines(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.is_file() else 0
+
+
+def kill_when(proc: subprocess.Popen, path: Path, at_least: int, timeout: float = 240) -> int:
+    """SIGKILL ``proc`` once ``path`` has ``at_least`` lines; return the line count at the kill."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        n = lines(path)
+        if n >= at_least or proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the process finished before it could be killed; make the workload larger"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return lines(path)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A small CNN trained for 2 epochs on digits through the CLI."""
+    d = tmp_path_factory.mktemp("cli")
+    r = bastion("train", "--quiet", "--epochs", "2", "--out", "std", cwd=d)
+    assert r.returncode == 0, r.stderr
+    assert (d / "std" / "model.safetensors").is_file() and (d / "std" / "report.html").is_file()
+    return d
+
+
+def one_line_error(capsys, argv: list[str], *words: str) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("bastion: error:") and "\n" not in err and "Traceback" not in err, err
+    for w in words:
+        assert w in err, err
+    return err
+
+
+def test_user_errors_are_one_line(tmp_path, capsys, trained):
+    model = str(trained / "std" / "model.safetensors")
+    # unknown dataset
+    one_line_error(capsys, ["train", "--quiet", "--dataset", "nope", "--out", str(tmp_path / "t")], "nope")
+    one_line_error(capsys, ["evaluate", "--quiet", "--model", model, "--dataset", "nope",
+                            "--out", str(tmp_path / "a")], "unknown dataset", "nope")
+    # missing data file
+    (tmp_path / "mnist").mkdir()
+    one_line_error(capsys, ["evaluate", "--quiet", "--model", model, "--dataset", "mnist", "--data-root",
+                            str(tmp_path / "mnist"), "--out", str(tmp_path / "b")], "t10k-images-idx3-ubyte")
+    # bad threat model
+    one_line_error(capsys, ["evaluate", "--quiet", "--model", model, "--eps", "8/zz", "--out", str(tmp_path / "c")],
+                   "epsilon")
+    # pickle checkpoint
+    torch.save({"w": torch.zeros(2)}, tmp_path / "evil.safetensors")
+    (tmp_path / "evil.json").write_text((trained / "std" / "model.json").read_text())
+    one_line_error(capsys, ["evaluate", "--quiet", "--model", str(tmp_path / "evil.safetensors"),
+                            "--out", str(tmp_path / "d")], "pickle")
+    # corrupt safetensors (truncated)
+    data = (trained / "std" / "model.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    (tmp_path / "cut.json").write_text((trained / "std" / "model.json").read_text())
+    one_line_error(capsys, ["evaluate", "--quiet", "--model", str(tmp_path / "cut.safetensors"),
+                            "--out", str(tmp_path / "e")], "cut.safetensors")
+
+
+def test_images_outside_unit_range_are_rejected(trained):
+    from bastion.checkpoints import load_checkpoint
+    from bastion.data import load_dataset
+    from bastion.errors import DataError
+    from bastion.evaluate import CleanProbe, evaluate_model
+
+    model, _ = load_checkpoint(trained / "std" / "model.safetensors")
+    ds = load_dataset("digits", "test", num_examples=8)
+    ds.images = ds.images * 255  # a classic mistake: 0..255 pixels
+    with pytest.raises(DataError, match=r"\[0, 1\]"):
+        evaluate_model(model, ds, [CleanProbe()], trained / "bad-range", {"x": 1})
+
+
+def test_evaluate_killed_midway_resumes_to_identical_metrics(trained):
+    model = str(trained / "std" / "model.safetensors")
+    args = ["evaluate", "--quiet", "--model", model, "--eps", "0.05,0.1", "--steps", "60", "--batch-size", "8"]
+    full = bastion(*args, "--out", "full", cwd=trained)
+    assert full.returncode == 0, full.stderr
+    total = lines(trained / "full" / "records.jsonl")
+    assert total == 3 * 450
+    proc = start(*args, "--out", "killed", cwd=trained)
+    at_kill = kill_when(proc, trained / "killed" / "records.jsonl", at_least=500)
+    assert 0 < at_kill < total
+    again = bastion(*args, "--out", "killed", cwd=trained)
+    assert again.returncode == 0, again.stderr
+    assert (trained / "killed" / "metrics.json").read_bytes() == (trained / "full" / "metrics.json").read_bytes()
+    assert lines(trained / "killed" / "records.jsonl") == total
+
+
+def test_train_killed_midway_resumes_from_last_epoch(tmp_path):
+    from safetensors.torch import load_file
+
+    args = ["train", "--objective", "pgd", "--eps", "0.1", "--steps", "3", "--epochs", "5", "--seed", "3"]
+    ref = bastion(*args, "--quiet", "--out", "ref", cwd=tmp_path)
+    assert ref.returncode == 0, ref.stderr
+    proc = start(*args, "--quiet", "--out", "run", cwd=tmp_path)
+    done = kill_when(proc, tmp_path / "run" / "train_log.jsonl", at_least=2)
+    assert 2 <= done < 5
+    again = bastion(*args, "--out", "run", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert f"resuming from epoch {done}" in again.stdout
+    a = load_file(str(tmp_path / "ref" / "model.safetensors"))
+    b = load_file(str(tmp_path / "run" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["epoch"] for r in map(json.loads, (tmp_path / "run" / "train_log.jsonl").read_text().splitlines())] \
+        == list(range(5))
+
+
+def test_toml_config_and_unknown_key(tmp_path, capsys, trained):
+    cfg = tmp_path / "eval.toml"
+    cfg.write_text(f'command = "evaluate"\nmodel = "{trained / "std" / "model.safetensors"}"\neps = "0.1"\n'
+                   f'steps = 2\nmax = 20\nout = "{tmp_path / "cfgrun"}"\n')
+    assert main(["run", "--quiet", str(cfg)]) == 0
+    doc = json.loads((tmp_path / "cfgrun" / "metrics.json").read_text())
+    assert doc["schema_version"] == 1 and doc["sections"][0]["data"]["clean"]["n"] == 20
+    bad = tmp_path / "bad.toml"
+    bad.write_text('command = "evaluate"\nmodel = "m"\nepss = "0.1"\n')
+    one_line_error(capsys, ["run", str(bad)], "unknown key 'epss'")
+
+
+def test_report_command_rewrites_html(trained, capsys):
+    (trained / "std" / "report.html").unlink()
+    assert main(["report", "--quiet", str(trained / "std")]) == 0
+    html = (trained / "std" / "report.html").read_text()
+    assert "<table>" in html or "data:image/png;base64" in html
