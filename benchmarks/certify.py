@@ -142,7 +142,7 @@ def part_b(model, xs, ys, idx, *, n0, n, alpha, batch, sigma, threads):
     radii = [k * 0.25 * sigma for k in range(9)]            # 0 .. 2 sigma
     out = {}
     for mode in ("exact", "sequential"):
-        seq = Sequential(stop_radius=radii[-1], start=1000) if mode == "sequential" else None
+        seq = Sequential(stop_radius=radii[-1], start=1000, radii=tuple(radii)) if mode == "sequential" else None
         m = chunk_size(n0, n, batch)
         t0 = time.perf_counter()
         certs = []

@@ -22,7 +22,7 @@ PREDICT_HEADER = "idx\tlabel\tpredict\tcorrect\ttime"
 
 def format_radius(r: float) -> str:
     """Three significant digits, Python general format: 0.0, 0.378, 0.0451, 3.81, 1.0."""
-    return "{:.3}".format(float(r))
+    return f"{float(r):.3}"
 
 
 def format_time(seconds: float) -> str:

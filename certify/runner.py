@@ -122,7 +122,8 @@ def run_shard(task: ShardTask) -> list[Record]:
     o, s = task.opts, task.setting
     model = _load_model(s.model, o.device)
     smooth = Smooth(model, s.num_classes, s.sigma, seed=o.seed, autocast=o.autocast)
-    seq = Sequential(stop_radius=task.max_radius, start=o.seq_start) if o.sequential else None
+    seq = (Sequential(stop_radius=task.max_radius, start=o.seq_start, radii=tuple(table_radii(task.max_radius)))
+           if o.sequential else None)
     m = chunk_size(o.n0 if o.task == "certify" else 0, o.n, o.batch)
     part = JsonlLog(task.part) if task.part else None
     out: list[Record] = []

@@ -36,7 +36,9 @@ that ``g``. It is a different ``g`` than the fp32 one, so do not mix the two in 
 ``L_j`` at level ``alpha_j`` with ``sum_j alpha_j = alpha`` (half of alpha on the final look, the
 other half split evenly over the earlier ones). It stops as soon as the outcome is settled:
 the running certificate's radius is at or above ``stop_radius`` (the largest radius the report
-asks for), or the one-sided upper bound ``U_j`` (same level) is below 1/2 (then it abstains).
+asks for); or the radii of the lower and upper bounds ``L_j``, ``U_j`` fall between the same two
+consecutive report radii (the example's contribution to every reported radius is decided); or
+the one-sided upper bound ``U_j`` (same level) is below 1/2 (then it abstains).
 
 *Why the certificate holds at the same alpha.* For the fixed class ``cA`` (chosen from the
 independent selection sample) each ``L_j`` is a valid ``1 - alpha_j`` lower bound on ``pA``, so by
@@ -113,7 +115,8 @@ class NoiseSampler:
 
     def _blocks(self, req: Request, key: Any) -> list[tuple[int, int, int, int]]:
         b = self.block
-        if req.start % b or not (req.end % b == 0 or req.end == req.total) or not 0 <= req.start <= req.end <= req.total:
+        aligned = req.start % b == 0 and (req.end % b == 0 or req.end == req.total)
+        if not aligned or not 0 <= req.start <= req.end <= req.total:
             raise ValueError(f"request {req} is not aligned to noise blocks of {b}")
         out = []
         for k in range(req.start // b, -(-req.end // b)):
@@ -219,6 +222,16 @@ class Sequential:
     stop_radius: float
     start: int = 1000
     final_share: float = 0.5
+    radii: tuple[float, ...] = ()   # the report's table radii: also stop once the table bucket is settled
+
+    def bucket_settled(self, r_low: float, r_high: float) -> bool:
+        """True when [r_low, r_high] (lower/upper radius bounds) lies in one bucket of ``radii``,
+        i.e. the example's contribution to every reported radius is decided."""
+        grid = sorted(r for r in self.radii if r >= 0)
+        if not grid or r_low < grid[0]:
+            return False
+        k = max(i for i, r in enumerate(grid) if r <= r_low)
+        return k + 1 < len(grid) and r_high < grid[k + 1]
 
     def __post_init__(self) -> None:
         if self.start < 1:
@@ -346,8 +359,11 @@ class Smooth:
                             stopped = "final"
                         elif pl >= 0.5 and radius(self.sigma, pl) >= sequential.stop_radius:  # type: ignore[union-attr]
                             stopped = "settled"
-                        elif cp_upper(n_a, nj, aj) < 0.5:
+                        elif (up := cp_upper(n_a, nj, aj)) < 0.5:
                             stopped = "futile"
+                        elif pl >= 0.5 and sequential.bucket_settled(  # type: ignore[union-attr]
+                                radius(self.sigma, pl), radius(self.sigma, up) if up < 1 else math.inf):
+                            stopped = "settled"
                         else:
                             still.append(slot)
                             continue

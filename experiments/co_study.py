@@ -80,10 +80,18 @@ def run_one(cfg: dict[str, Any], method: str, seed: int, train: ImageDataset, te
     run_dir = out / f"{method}_s{seed}"
     mon = COMonitor(test, eps, seed=seed, run_dir=run_dir, quiet=quiet, **cfg.get("monitor", {}))
     t0 = time.perf_counter()
-    res = fit(model, train, objective, tcfg, run_dir=run_dir, callbacks=[mon], device=device, quiet=True)
-    hist = [{k: r.get(k) for k in CURVE_KEYS if k in r} for r in res.history]
-    return {"method": method, "seed": seed, "objective": objective.config(), "summary": run_summary(res.history),
-            "history": hist, "seconds": time.perf_counter() - t0, "stopped_early": res.stopped_early}
+    try:
+        res = fit(model, train, objective, tcfg, run_dir=run_dir, callbacks=[mon], device=device, quiet=True)
+        history, stopped, diverged = res.history, res.stopped_early, None
+    except ConfigError as exc:   # fit's "loss became nan/inf": record the divergence, keep the epochs done
+        if "loss became" not in str(exc):
+            raise
+        from bastion.records import JsonlLog
+
+        history, stopped, diverged = JsonlLog(run_dir / "train_log.jsonl").read(), True, str(exc)
+    hist = [{k: r.get(k) for k in CURVE_KEYS if k in r} for r in history]
+    return {"method": method, "seed": seed, "objective": objective.config(), "summary": run_summary(history),
+            "history": hist, "seconds": time.perf_counter() - t0, "stopped_early": stopped, "diverged": diverged}
 
 
 def _mean_last(hist: list[dict[str, Any]], key: str, n: int = 5) -> float | None:
@@ -99,7 +107,11 @@ def summarize(cfg: dict[str, Any], results: list[dict[str, Any]]) -> str:
     for r in results:
         s, h = r["summary"], r["history"]
         gates = [x.get("gate_open_frac") for x in h if x.get("gate_open_frac") is not None]
-        rows.append([r["method"], r["seed"], f"{s['peak_pgd']:.3f} (ep {s['peak_epoch']})", f"{s['final_pgd']:.3f}",
+        if not s:
+            rows.append([r["method"], r["seed"], "diverged before the first epoch"] + ["–"] * 9)
+            continue
+        label = r["method"] + (" (diverged)" if r.get("diverged") else "")
+        rows.append([label, r["seed"], f"{s['peak_pgd']:.3f} (ep {s['peak_epoch']})", f"{s['final_pgd']:.3f}",
                      f"{s['final_fgsm']:.3f}", f"{s['final_clean']:.3f}",
                      f"CO @ {s['co_first_epoch']}" if s["co"] else "no",
                      _fmt(_mean_last(h, "aae_frac")), _fmt(max((x.get("aae_frac") or 0) for x in h)),
@@ -113,6 +125,9 @@ def summarize(cfg: dict[str, Any], results: list[dict[str, Any]]) -> str:
     for r in results:
         by.setdefault(r["method"], []).append(r)
     for meth, rs in by.items():
+        rs = [r for r in rs if r["summary"]]
+        if not rs:
+            continue
         n_co = sum(r["summary"]["co"] for r in rs)
         fin = [r["summary"]["final_pgd"] for r in rs]
         lines.append(f"- {meth}: CO in {n_co}/{len(rs)}; final PGD mean {sum(fin) / len(fin):.3f} "
@@ -134,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: config's, else 1)")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--include", action="append", default=[], metavar="DIR",
+                   help="reuse finished runs from another output directory of the same config (parallel shards)")
     args = p.parse_args(argv)
     try:
         cfg = read_config(args.config)
@@ -152,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         done: dict[str, dict] = {}
         if results_path.is_file():
             done = {f"{r['method']}_s{r['seed']}": r for r in json.loads(results_path.read_text())["runs"]}
+        for other in args.include:
+            for r in json.loads((Path(other) / "results.json").read_text())["runs"]:
+                done.setdefault(f"{r['method']}_s{r['seed']}", r)
         results = []
         for seed in seeds:               # seed-major: partial results cover every method
             for meth in methods:
@@ -160,10 +180,13 @@ def main(argv: list[str] | None = None) -> int:
                         not done[key]["stopped_early"]:
                     done[key] = run_one(cfg, meth, seed, train, test, out, args.device)
                     s = done[key]["summary"]
-                    print(f"{key}: peak PGD {s['peak_pgd']:.3f} final PGD {s['final_pgd']:.3f} "
-                          f"FGSM {s['final_fgsm']:.3f} clean {s['final_clean']:.3f} CO "
-                          f"{'@' + str(s['co_first_epoch']) if s['co'] else 'no'} ({done[key]['seconds']:.0f}s)",
-                          flush=True)
+                    if done[key]["diverged"]:
+                        print(f"{key}: DIVERGED ({done[key]['diverged']})", flush=True)
+                    if s:
+                        print(f"{key}: peak PGD {s['peak_pgd']:.3f} final PGD {s['final_pgd']:.3f} "
+                              f"FGSM {s['final_fgsm']:.3f} clean {s['final_clean']:.3f} CO "
+                              f"{'@' + str(s['co_first_epoch']) if s['co'] else 'no'} ({done[key]['seconds']:.0f}s)",
+                              flush=True)
                     results_path.write_text(json.dumps({"config": cfg, "runs": list(done.values())}, indent=1))
                 results.append(done[key])
         write_outputs(cfg, results, out)

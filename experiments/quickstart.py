@@ -103,6 +103,10 @@ from experiments.quickstart_aaer import aaer_section  # noqa: E402
 
 SECTIONS.append(("aaer", aaer_section))
 
+from experiments.quickstart_certify import certification_section  # noqa: E402
+
+SECTIONS.append(("certification", certification_section))
+
 
 def run_quickstart(ctx: QuickstartContext, only: list[str] | None = None) -> dict[str, Any]:
     from bastion.report import metrics_document, write_report

@@ -11,11 +11,27 @@ import torch
 from scipy import stats as st
 from torch import nn
 
-from certify.logs import (CERTIFY_HEADER, TsvLog, certify_line, format_radius, format_time, parse_time,
-                          predict_line, read_log)
+from certify.logs import (
+    CERTIFY_HEADER,
+    TsvLog,
+    certify_line,
+    format_radius,
+    format_time,
+    parse_time,
+    predict_line,
+    read_log,
+)
 from certify.smoothing import NOISE_BLOCK, Sequential, Smooth
-from certify.stats import (ABSTAIN, certify_decision, cp_lower, cp_upper, max_radius, predict_decision,
-                           predict_pvalue, radius)
+from certify.stats import (
+    ABSTAIN,
+    certify_decision,
+    cp_lower,
+    cp_upper,
+    max_radius,
+    predict_decision,
+    predict_pvalue,
+    radius,
+)
 
 # --- a table of counts, with reference values computed here from SciPy ---------------------------
 
@@ -232,7 +248,7 @@ def test_wrong_certificate_rate_is_at_most_alpha(mode):
     model = Threshold(sigma * st.norm.ppf(p_a))
     s = Smooth(model, 2, sigma, seed=11)
     xs = torch.zeros(trials, 1, 1, 1)
-    seq = Sequential(stop_radius=0.3, start=100) if mode == "sequential" else None
+    seq = Sequential(stop_radius=0.3, start=100, radii=(0.0, 0.1, 0.2, 0.3)) if mode == "sequential" else None
     certs = s.certify_many(xs, list(range(trials)), 100, 1600, alpha, batch=100_000, sequential=seq)
     rate = _wrong(certs, {0: p_a, 1: 1 - p_a}, sigma)
     # at or below alpha up to sampling error of the 3000 trials (one-sided binomial test at 1e-3)
@@ -274,9 +290,8 @@ def test_sequential_agrees_with_exact_when_it_runs_to_the_end():
 # --- Gaussian augmentation -------------------------------------------------------------------------
 
 def test_gaussian_objective_adds_fresh_noise_before_normalization(synthetic_train):
-    from bastion.train import StepContext, TrainConfig, create_objective, fit
-
     import defenses.gaussian  # noqa: F401
+    from bastion.train import StepContext, TrainConfig, create_objective, fit
 
     obj = create_objective("gaussian", sigma=0.25)
     assert obj.config() == {"objective": "gaussian", "sigma": 0.25}

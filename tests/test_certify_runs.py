@@ -53,7 +53,8 @@ OPTS = dict(n0=50, n=1000, alpha=0.001, batch=200, seed=7, shard_size=10)
 
 
 def _rows(out: Path, name: str) -> list[tuple]:
-    return [(r["idx"], r["label"], r["predict"], r["radius"], r["correct"]) for r in read_log(out / f"certify-{name}.tsv")]
+    rows = read_log(out / f"certify-{name}.tsv")
+    return [(r["idx"], r["label"], r["predict"], r["radius"], r["correct"]) for r in rows]
 
 
 def _strip(doc):
@@ -154,8 +155,7 @@ def test_ray_with_two_cpus_gives_the_same_rows(reference, ckpt, data):
     ref_out, _ = reference
     tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")       # short path: Ray's sockets live under it
     out = Path(tmp) / "run"
-    ray.init(num_cpus=2, _temp_dir=tmp, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    ray.init(num_cpus=2, _temp_dir=tmp, include_dashboard=False, log_to_driver=False)
     try:
         run_certification(_settings(ckpt), data, out, CertifyOptions(**OPTS), backend="ray", threads=1,
                           quiet=True)
@@ -184,7 +184,8 @@ def test_certify_command(ckpt, tmp_path, capsys):
 
     out = tmp_path / "cli"
     argv = ["certify", "--quiet", "--model", ckpt, "--sigma", "0.25", "0.5", "--n0", "50", "--n", "500",
-            "--alpha", "0.001", "--skip", "4", "--max", "16", "--batch", "500", "--dataset", "synthetic", "--out", str(out)]
+            "--alpha", "0.001", "--skip", "4", "--max", "16", "--batch", "500", "--dataset", "synthetic",
+            "--out", str(out)]
     assert main(argv) == 0
     rows = read_log(out / "certify-sigma0.5.tsv")
     assert len(rows) == 16 and (out / "report.html").is_file()
