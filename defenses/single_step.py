@@ -118,16 +118,20 @@ def aae_regularizer(z_eta: torch.Tensor, l_eta: torch.Tensor, z_adv: torch.Tenso
     b = l_eta.shape[0]
     aae = l_eta > l_adv.detach()          # strict: the step lowered the loss
     nae = ~aae
-    m, n = int(aae.sum()), int(nae.sum())
     dist = (z_eta - z_adv).pow(2).sum(dim=1)          # squared L2 over classes, per example
+    with torch.no_grad():                  # every logged number in one device->host transfer
+        af = aae.to(dist.dtype)
+        s_va, s_vn, s_ca, s_m = torch.stack([(dist * af).sum(), (dist * (1 - af)).sum(),
+                                             ((l_eta - l_adv.detach()) * af).sum(), af.sum()]).tolist()
+    m = int(round(s_m))
+    n = b - m
+    v_a_val = s_va / m if m else 0.0
+    v_n_val = s_vn / n if n else 0.0
+    c_a_val = s_ca / m if m else 0.0
     stats: dict[str, float] = {"aae_count": float(m), "aae_frac": m / max(1, b), "has_aae": float(m > 0),
-                               "has_nae": float(n > 0), "mixed": float(m > 0 and n > 0)}
-    with torch.no_grad():
-        v_a_val = float(dist[aae].mean()) if m else 0.0
-        v_n_val = float(dist[nae].mean()) if n else 0.0
-        c_a_val = float((l_eta - l_adv.detach())[aae].mean()) if m else 0.0
-    stats.update({"v_a": v_a_val, "v_n": v_n_val, "c_a": c_a_val, "v_gap": 0.0, "gate_open": 0.0,
-                  "reg": 0.0, "reg_grad": 0.0})
+                               "has_nae": float(n > 0), "mixed": float(m > 0 and n > 0),
+                               "v_a": v_a_val, "v_n": v_n_val, "c_a": c_a_val, "v_gap": 0.0, "gate_open": 0.0,
+                               "reg": 0.0, "reg_grad": 0.0}
     zero = torch.zeros((), device=z_adv.device, dtype=z_adv.dtype)
     if m == 0 or n == 0:
         return zero, stats
@@ -138,10 +142,11 @@ def aae_regularizer(z_eta: torch.Tensor, l_eta: torch.Tensor, z_adv: torch.Tenso
     v_n = dist[nae].detach().mean()
     gap = F.relu(v_a - v_n)
     reg = r * (lambda2 * c_a + lambda3 * gap)
+    gap_val = max(v_a_val - v_n_val, 0.0)
     stats["v_gap"] = v_a_val - v_n_val
     stats["gate_open"] = float(v_a_val > v_n_val)
-    stats["reg"] = float(reg.detach())
-    stats["reg_grad"] = float(r * lambda3 * gap.detach()) + (float(r * lambda2 * c_a.detach()) if ce_term_grad else 0.0)
+    stats["reg"] = r * (lambda2 * c_a_val + lambda3 * gap_val)
+    stats["reg_grad"] = r * lambda3 * gap_val + (r * lambda2 * c_a_val if ce_term_grad else 0.0)
     return reg, stats
 
 
