@@ -465,5 +465,6 @@ def fit(model: nn.Module, data: ImageDataset, objective: Objective, cfg: TrainCo
             print(f"[{objective.name}] epoch {epoch + 1}/{cfg.epochs} {shown}")
         if stopped:
             break
+    opt.zero_grad(set_to_none=True)  # hand back a model without stale parameter gradients
     model.eval()
     return TrainResult(model, history, stopped, Path(run_dir) if run_dir is not None else None)

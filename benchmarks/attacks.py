@@ -26,7 +26,6 @@ from functools import partial
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -34,24 +33,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from attacks import create_attack  # noqa: E402
 from bastion.data import load_dataset  # noqa: E402
 from bastion.models import create_model  # noqa: E402
+from bastion.train import StandardObjective, TrainConfig, fit  # noqa: E402
 
 
 def train_model(seed: int = 0, epochs: int = 15) -> nn.Module:
+    """A small CNN trained with Adam on the digits training split (the project's one training loop)."""
     tr = load_dataset("digits", "train")
     torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
     model = create_model("small_cnn", 10, 1, 8)
-    opt = torch.optim.Adam(model.parameters(), 3e-3)
-    for _ in range(epochs):
-        perm = torch.randperm(len(tr), generator=g)
-        for i in range(0, len(tr), 64):
-            b = perm[i:i + 64]
-            loss = F.cross_entropy(model(tr.images[b]), tr.labels[b])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    opt.zero_grad(set_to_none=True)
-    return model.eval()
+    cfg = TrainConfig(epochs=epochs, batch_size=64, optimizer="adam", lr=3e-3, weight_decay=0.0,
+                      schedule="constant", seed=seed)
+    return fit(model, tr, StandardObjective(), cfg, quiet=True).model
 
 
 class _Mark(torch.autograd.Function):

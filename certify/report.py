@@ -61,7 +61,8 @@ def render_certification(sec: dict[str, Any]) -> tuple[str, list]:
     for s in settings:
         c = s["curve"]
         xs = [i * c["step"] for i in range(len(c["accuracy"]))]
-        ax.plot(xs, c["accuracy"], label=f"{s['name']} (sigma={s['sigma']:g})", lw=1.4)
+        label = s["name"] if f"sigma{s['sigma']:g}" in s["name"] else f"{s['name']} (sigma={s['sigma']:g})"
+        ax.plot(xs, c["accuracy"], label=label, lw=1.4)
     if env:
         xs = [i * env["step"] for i in range(len(env["accuracy"]))]
         ax.plot(xs, env["accuracy"], "k--", lw=1.2, label="best over sigma")
@@ -71,7 +72,9 @@ def render_certification(sec: dict[str, Any]) -> tuple[str, list]:
     ax.set_xlim(0, settings[0]["curve"]["max_radius"])
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title(sec.get("title", "certified accuracy")[:80], fontsize=9)
+    import textwrap
+
+    ax.set_title("\n".join(textwrap.wrap(sec.get("title", "certified accuracy"), 70)), fontsize=9)
     fig.tight_layout()
     return "\n\n".join(parts), [(f"{sec.get('title', 'Certification')}: certified accuracy vs radius", fig)]
 

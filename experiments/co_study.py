@@ -30,7 +30,7 @@ KEYS = ("name", "dataset", "data_root", "image_size", "model", "model_kwargs", "
 MONITOR_KEYS = ("pgd_steps", "every", "every_examples", "co_stop", "pgd_alpha")
 CURVE_KEYS = ("epoch", "train_loss", "train_acc", "val_clean", "val_fgsm", "val_pgd", "val_aae_frac", "aae_frac",
               "v_gap", "gate_open_frac", "co", "co_event", "train_reg", "train_mixed", "train_v_a", "train_v_n",
-              "epoch_seconds", "stopped", "train_aae_frac")
+              "epoch_seconds", "stopped", "train_aae_frac", "train_reg_grad")
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
@@ -106,7 +106,9 @@ def summarize(cfg: dict[str, Any], results: list[dict[str, Any]]) -> str:
     rows = []
     for r in results:
         s, h = r["summary"], r["history"]
-        gates = [x.get("gate_open_frac") for x in h if x.get("gate_open_frac") is not None]
+        pre = h[:s["co_first_epoch"] - 1] if s["co"] else h       # epochs before the first CO flag
+        pre_gate = [x.get("gate_open_frac") or 0.0 for x in pre]
+        pre_gap = [x["v_gap"] for x in pre if x.get("v_gap") is not None]
         if not s:
             rows.append([r["method"], r["seed"], "diverged before the first epoch"] + ["–"] * 9)
             continue
@@ -115,11 +117,15 @@ def summarize(cfg: dict[str, Any], results: list[dict[str, Any]]) -> str:
                      f"{s['final_fgsm']:.3f}", f"{s['final_clean']:.3f}",
                      f"CO @ {s['co_first_epoch']}" if s["co"] else "no",
                      _fmt(_mean_last(h, "aae_frac")), _fmt(max((x.get("aae_frac") or 0) for x in h)),
-                     _fmt(_mean_last(h, "v_gap"), 2), _fmt(max(gates) if gates else None, 2),
-                     f"{r['seconds']:.0f}"])
+                     _fmt(sum(pre_gap) / len(pre_gap) if pre_gap else None, 2),
+                     _fmt(sum(pre_gate) / len(pre_gate) if pre_gate else None, 2),
+                     _fmt(_mean_last(h, "v_gap"), 2), f"{r['seconds']:.0f}"])
     lines.append(md_table(["method", "seed", "peak PGD", "final PGD", "final FGSM", "final clean", "CO flagged",
-                           "AAE frac (last 5)", "max AAE frac", "V_A−V_N (last 5)", "max gate-open frac",
-                           "seconds"], rows))
+                           "AAE frac (last 5)", "max AAE frac", "V_A−V_N before CO", "gate open before CO",
+                           "V_A−V_N (last 5)", "seconds"], rows))
+    lines += ["", "'before CO': mean over the epochs before the first CO flag (all epochs if none) of the "
+              "epoch's mean V_A − V_N over mixed batches and of the fraction of mixed batches whose gate "
+              "V_A > V_N was open (the reference regularizer carries gradient only through open gates)."]
     lines += ["", "Per method: runs with CO flagged / runs"]
     by: dict[str, list[dict]] = {}
     for r in results:

@@ -49,7 +49,7 @@ def test_hand_batch_values_and_reference_gradients():
     assert st["v_gap"] == pytest.approx(v_a - v_n) and st["gate_open"] == 1.0
     assert st["c_a"] == pytest.approx(c_a)
     assert float(reg.detach()) == pytest.approx(r * (L2 * c_a + L3 * (v_a - v_n)))
-    assert st["reg"] == pytest.approx(float(reg))
+    assert st["reg"] == pytest.approx(float(reg.detach()))
     assert st["reg_grad"] == pytest.approx(r * L3 * (v_a - v_n))
     reg.backward()
     # Only the AAE rows' adversarial logits carry gradient: (2*l1*l3/B) * (z_adv - z_eta).
@@ -83,7 +83,7 @@ def test_gate_closed_keeps_only_constant_ce_term():
     reg, st = aae_regularizer(z_eta, l_eta, za, la, L1, L2, L3, ce_term_grad=False)
     assert st["gate_open"] == 0.0 and st["v_gap"] < 0
     c_a = ce0(0, 0) - ce0(0.1, 0)
-    assert float(reg) == pytest.approx(0.5 * L2 * c_a)   # logged, but ...
+    assert float(reg.detach()) == pytest.approx(0.5 * L2 * c_a)   # logged, but ...
     assert st["reg_grad"] == 0.0
     reg.backward()
     assert torch.count_nonzero(za.grad) == 0             # ... carries no gradient
@@ -141,7 +141,7 @@ def test_objective_loss_matches_manual_and_warmup():
     z_adv = model(x + delta)
     l_adv = F.cross_entropy(z_adv, y, reduction="none")
     reg, _ = aae_regularizer(z_eta, l_eta, z_adv, l_adv, 1.0, 2.5, 1.5)
-    assert float(res.loss) == pytest.approx(float(l_adv.mean() + reg))
+    assert float(res.loss.detach()) == pytest.approx(float((l_adv.mean() + reg).detach()))
     assert set(res.stats) >= {"aae_count", "aae_frac", "v_a", "v_n", "v_gap", "reg", "gate_open", "mixed"}
     # eps warm-up: at progress 0.5 of a 2-epoch warm-up the step and radius are eps/4; noise unscaled
     w = SingleStepObjective(0.1, 1.0, 0.0, True, warmup_epochs=2)

@@ -18,24 +18,16 @@ from bastion.data import load_dataset
 from bastion.errors import ConfigError
 from bastion.models import create_model
 from bastion.threat import ThreatModel
+from bastion.train import StandardObjective, TrainConfig, fit
 
 torch.set_num_threads(1)
 
 
 def _train(model: nn.Module, data, epochs: int, lr: float = 1e-2, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr)
-    for _ in range(epochs):
-        perm = torch.randperm(len(data), generator=g)
-        for i in range(0, len(data), 128):
-            b = perm[i:i + 128]
-            loss = F.cross_entropy(model(data.images[b]), data.labels[b])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    opt.zero_grad(set_to_none=True)
-    return model.eval()
+    cfg = TrainConfig(epochs=epochs, batch_size=128, optimizer="adam", lr=lr, weight_decay=0.0,
+                      schedule="constant", seed=seed)
+    return fit(model, data, StandardObjective(), cfg, quiet=True).model
 
 
 @pytest.fixture(scope="module")

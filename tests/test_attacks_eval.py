@@ -20,6 +20,7 @@ from bastion.evaluate import CleanProbe, evaluate_model
 from bastion.metrics import classification_metrics
 from bastion.models import create_model
 from bastion.threat import ThreatModel
+from bastion.train import StandardObjective, TrainConfig, fit
 
 torch.set_num_threads(1)
 
@@ -31,21 +32,11 @@ def digits():
 
 @pytest.fixture(scope="module")
 def mlp(digits):
-    tr = digits[0]
     torch.manual_seed(0)
-    g = torch.Generator().manual_seed(0)
     m = create_model("mlp", 10, 1, 8, hidden=(64,))
-    opt = torch.optim.Adam(m.parameters(), 1e-2)
-    for _ in range(10):
-        perm = torch.randperm(len(tr), generator=g)
-        for i in range(0, len(tr), 128):
-            b = perm[i:i + 128]
-            loss = F.cross_entropy(m(tr.images[b]), tr.labels[b])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    opt.zero_grad(set_to_none=True)
-    return m.eval()
+    cfg = TrainConfig(epochs=10, batch_size=128, optimizer="adam", lr=1e-2, weight_decay=0.0,
+                      schedule="constant", seed=0)
+    return fit(m, digits[0], StandardObjective(), cfg, quiet=True).model
 
 
 class Noisy(nn.Module):
