@@ -42,6 +42,7 @@ def run_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
     return {"peak_pgd": peak["val_pgd"], "peak_epoch": peak["epoch"] + 1, "final_pgd": mon[-1]["val_pgd"],
             "final_fgsm": mon[-1]["val_fgsm"], "final_clean": mon[-1]["val_clean"],
             "co": bool(co_epochs), "co_first_epoch": co_epochs[0] if co_epochs else None,
+            "co_at_end": bool(mon[-1].get("co")),
             "co_epochs": co_epochs, "epochs": len(history)}
 
 
@@ -57,10 +58,14 @@ def render_training(sec: dict[str, Any]) -> tuple[str, list]:
         if s:
             summary_rows.append([run["name"], _f(s["peak_pgd"]), s["peak_epoch"], _f(s["final_pgd"]),
                                  _f(s["final_fgsm"]), _f(s["final_clean"]),
-                                 f"**CO at epoch {s['co_first_epoch']}**" if s["co"] else "no CO"])
+                                 (f"**CO at epoch {s['co_first_epoch']}**"
+                                  + ("" if s["co_at_end"] else ", recovered by the last epoch")) if s["co"]
+                                 else "no CO"])
     if summary_rows:
         parts.append(md_table(["run", "peak PGD", "peak epoch", "final PGD", "final FGSM", "final clean",
                                "catastrophic overfitting"], summary_rows))
+    if data.get("note"):
+        parts.append(str(data["note"]))
     for run in runs:
         hist = run.get("history", [])
         for r in hist:
@@ -106,8 +111,9 @@ def render_training(sec: dict[str, Any]) -> tuple[str, list]:
         axes[0].set_ylim(0, 1)
         axes[0].set_title("held-out accuracy (solid PGD, dashed FGSM)")
         axes[1].set_title("training AAE fraction m/B")
-        axes[2].set_title("V_A − V_N (mixed batches)")
+        axes[2].set_title("V_A − V_N (mixed batches; symlog)")
         axes[2].axhline(0, color="grey", lw=0.8)
+        axes[2].set_yscale("symlog", linthresh=1.0)   # collapsed runs reach |V_A - V_N| of 1e4
         for ax in axes:
             ax.set_xlabel("epoch")
         axes[0].legend(fontsize=6, ncol=2)

@@ -202,6 +202,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def mean_history(histories: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Epoch-wise mean of the monitor curves of several seeds; ``co`` where most seeds are flagged."""
+    out = []
+    for e in range(min(len(h) for h in histories)):
+        rows = [h[e] for h in histories]
+        rec: dict[str, Any] = {"epoch": e}
+        for k in ("val_clean", "val_fgsm", "val_pgd", "aae_frac", "v_gap", "gate_open_frac"):
+            vals = [r[k] for r in rows if r.get(k) is not None]
+            rec[k] = sum(vals) / len(vals) if vals else None
+        if rec["val_pgd"] is None:
+            break
+        rec["co"] = sum(bool(r.get("co")) for r in rows) > len(rows) / 2
+        out.append(rec)
+    return out
+
+
 def write_outputs(cfg: dict[str, Any], results: list[dict[str, Any]], out: Path) -> None:
     import defenses.training_report  # noqa: F401  (registers the renderer)
     from bastion.report import metrics_document, section, write_report
@@ -214,6 +230,10 @@ def write_outputs(cfg: dict[str, Any], results: list[dict[str, Any]], out: Path)
                     {"runs": [{"name": f"seed {r['seed']}", "history": r["history"], "objective": r["objective"]}
                               for r in rs], "per_epoch_tables": False})
             for meth, rs in by.items()]
+    overview = [{"name": f"{meth} (mean of {len(rs)})", "history": mean_history([r["history"] for r in rs])}
+                for meth, rs in by.items()]
+    secs.insert(0, section("training", "All methods, mean over seeds (CO marked where most seeds are flagged)",
+                           {"runs": overview, "per_epoch_tables": False}))
     doc = metrics_document(secs, title=f"CO study: {cfg.get('name', '')}")
     (out / "metrics.json").write_text(json.dumps(doc, indent=1))
     write_report(out, doc)
