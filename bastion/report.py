@@ -70,10 +70,12 @@ def _render_robustness(sec: dict[str, Any]) -> tuple[str, list]:
              f"{100 * clean['disparity']['std']:.1f}", "–"]]
     for threat, b in robust.items():
         attacks = ", ".join(f"{a} {pct(v)}" for a, v in b.get("per_attack", {}).items())
+        broken = ", ".join(f"{a} {k}" for a, k in sorted(b.get("broken_by", {}).items(), key=lambda t: -t[1]))
         rows.append([f"robust {threat}", pct(b["accuracy"]), b["n"], f"{100 * b['disparity']['max_minus_min']:.1f}",
-                     f"{100 * b['disparity']['std']:.1f}", attacks or "–"])
+                     f"{100 * b['disparity']['std']:.1f}", attacks or "–", broken or "–"])
+    rows[0].append("–")
     parts.append(md_table(["metric", "accuracy", "n", "class gap (max-min, pts)", "class std (pts)",
-                           "per attack"], rows))
+                           "attack suite", "examples broken by"], rows))
     classes = list(clean["per_class"])
     pc_rows = [[c, pct(clean["per_class"][c])] + [pct(b["per_class"].get(c)) for b in robust.values()]
                for c in classes]

@@ -3,7 +3,7 @@
 32x32, Conv(1->8)+ReLU+Linear, eps 0.2), shortened to 15 epochs with the sharper Adam schedule
 0 -> 0.01 -> 0 so it fits in about a minute on two cores. The report shows per-epoch held-out
 clean / FGSM / PGD-10 accuracy, the training AAE fraction and V_A - V_N, with CO flags.
-The full 5-seed study is experiments/co_study.py (see docs/readme/aaer.md)."""
+The full 5-seed study is experiments/co_study.py (see the README, section on AAER)."""
 
 from __future__ import annotations
 
