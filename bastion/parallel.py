@@ -20,8 +20,10 @@ Backends:
   Workers must be able to import the modules that define ``fn`` (install the project there).
   Ray is imported only when this backend is used.
 
-``threads`` sets ``torch.set_num_threads`` in each worker (1 is usually fastest when several
-workers share a machine). This module imports nothing of the project outside ``bastion``.
+``threads`` sets ``torch.set_num_threads`` in each worker; for the process pool it defaults to
+``cpu_count // workers`` (several workers each with torch's default thread count oversubscribe
+the cores: measured 0.32x instead of 1.31x with 2 workers on 2 cores). This module imports
+nothing of the project outside ``bastion``.
 """
 
 from __future__ import annotations
@@ -123,6 +125,8 @@ def _run_pool(fn, tasks, deliver, *, workers, threads, retries) -> None:
     from concurrent.futures.process import BrokenProcessPool
 
     ctx = mp.get_context("spawn")
+    if not threads:  # share the cores: several workers with torch's default threads each oversubscribe
+        threads = max(1, (os.cpu_count() or 1) // max(1, workers))
     attempts = [0] * len(tasks)
     queue: deque[int] = deque(range(len(tasks)))
     isolate: deque[int] = deque()
