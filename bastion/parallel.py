@@ -139,23 +139,28 @@ def _run_pool(fn, tasks, deliver, *, workers, threads, retries) -> None:
     def pool(n: int) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(max_workers=n, mp_context=ctx, initializer=_init_worker, initargs=(threads,))
 
+    def settle(i: int, future, retry: deque[int]) -> bool:
+        """Deliver a finished task, or charge and requeue it on ``retry``; False if its worker died."""
+        try:
+            r = future.result()
+        except BrokenProcessPool:
+            return False
+        except Exception:
+            charge(i, crashed=False)
+            if attempts[i] > retries:
+                raise
+            retry.append(i)
+            return True
+        deliver(i, r)
+        return True
+
     while queue or isolate:
         if isolate:
             i = isolate.popleft()
             with pool(1) as p:
-                try:
-                    r = p.submit(fn, tasks[i]).result()
-                except BrokenProcessPool:
+                if not settle(i, p.submit(fn, tasks[i]), isolate):
                     charge(i, crashed=True)
                     isolate.append(i)
-                    continue
-                except Exception:
-                    charge(i, crashed=False)
-                    if attempts[i] > retries:
-                        raise
-                    isolate.append(i)
-                    continue
-            deliver(i, r)
             continue
         with pool(min(workers, len(queue))) as p:
             inflight: dict[Any, int] = {}
@@ -167,19 +172,9 @@ def _run_pool(fn, tasks, deliver, *, workers, threads, retries) -> None:
                 done, _ = wait(list(inflight), return_when=FIRST_COMPLETED)
                 for f in done:
                     i = inflight.pop(f)
-                    try:
-                        r = f.result()
-                    except BrokenProcessPool:
+                    if not settle(i, f, queue):
                         broken = True
                         isolate.append(i)
-                        continue
-                    except Exception:
-                        charge(i, crashed=False)
-                        if attempts[i] > retries:
-                            raise
-                        queue.append(i)
-                        continue
-                    deliver(i, r)
             if broken:
                 isolate.extend(inflight.values())
 
