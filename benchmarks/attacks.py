@@ -134,6 +134,7 @@ def main(argv=None) -> int:
     k = args.steps
     clean = robust_acc(model, x, y)
     rows = []
+    checks: list[tuple[str, bool]] = []   # the targets
 
     # (a) native PGD vs torchattacks PGD
     for label, eps in (("most break early", 0.2), ("none break", 0.002)):
@@ -147,6 +148,10 @@ def main(argv=None) -> int:
             t_ta.append(timed(partial(ta, x, y)))
         a_ours, a_ta = robust_acc(model, t_ours[-1][2], y), robust_acc(model, t_ta[-1][2], y)
         rows.append([f"(a) PGD-{k} eps={eps} ({label})", f"{a_ours:.2f}", f"{a_ta:.2f}"] + _times(t_ours, t_ta))
+        ratio = statistics.median(t[0] for t in t_ours) / statistics.median(t[0] for t in t_ta)
+        limit = 0.5 if label == "most break early" else 1.10
+        checks.append((f"(a) {label}: native robust acc <= torchattacks + 0.5 pts", a_ours <= a_ta + 0.5))
+        checks.append((f"(a) {label}: wall-time ratio {ratio:.3f} <= {limit}", ratio <= limit))
 
     # (b) autoattack adapter vs pyautoattack directly (standard version, same seed)
     eps_aa = 0.15
@@ -167,6 +172,9 @@ def main(argv=None) -> int:
     a_o, a_d = robust_acc(model, res.x_adv, ya_), robust_acc(model, xd, ya_)
     rows.append([f"(b) AutoAttack standard eps={eps_aa} (n={naa})", f"{a_o:.2f}", f"{a_d:.2f}"] + _times(t_o, t_d))
     identical = torch.equal(res.x_adv, xd)
+    aa_ratio = statistics.median(t[0] for t in t_o) / statistics.median(t[0] for t in t_d)
+    checks.append(("(b) autoattack robust acc == pyautoattack's", a_o == a_d))
+    checks.append((f"(b) autoattack overhead: wall-time ratio {aa_ratio:.3f} <= 1.05", aa_ratio <= 1.05))
 
     # (c) fraction of wall time inside the model's forward + backward
     fractions = []
@@ -195,7 +203,10 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|")
     for name, t, fw, bw in fractions:
         print(f"| {name} | {t:.3f} | {fw:.3f} | {bw:.3f} | {100 * (fw + bw) / t:.1f}% |")
-    return 0
+    print("\n| target | met |\n|---|---|")
+    for what, ok in checks:
+        print(f"| {what} | {'yes' if ok else 'NO'} |")
+    return 0 if all(ok for _, ok in checks) else 1
 
 
 if __name__ == "__main__":

@@ -110,9 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     lines += [f"| {m} | {med_cpu[m]:.2f} | {med_wall[m]:.2f} | {', '.join(f'{t:.2f}' for t in cpu[m])} |"
               for m in methods]
     lines += ["", f"| ratio ({basis}) | value |", "|---|---|"] + [f"| {k} | {v:.3f} |" for k, v in ratios.items()]
+    limits = {"rs_aaer/fgsm_rs": 1.2, "n_aaer/n_fgsm": 1.2, "rs_aaer/pgd10": 0.35, "n_aaer/pgd10": 0.35}
+    checks = [(f"{k} {ratios[k]:.3f} <= {v}", ratios[k] <= v) for k, v in limits.items() if k in ratios]
+    lines += ["", "| target | met |", "|---|---|"] + [f"| {w} | {'yes' if ok else 'NO'} |" for w, ok in checks]
     (out / "training_bench.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    return 0
+    return 0 if all(ok for _, ok in checks) else 1
 
 
 if __name__ == "__main__":
