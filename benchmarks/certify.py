@@ -229,6 +229,7 @@ def main(argv=None) -> int:
             sigma=sigma, threads=1)}
         print(json.dumps(results["B"], indent=1), flush=True)
     if "C" in parts:
+        torch.set_num_threads(default_threads)   # parts A and B changed it; "default" must mean torch's own
         sub = test.every(4, 8 if q else 112)   # ~1.1M samples: enough to amortize worker start-up (~5 s)
         n = 2000 if q else 10_000
         results["C"] = {"model": "small_cnn(width=16)", "n": n, "examples": len(sub), "runs": [
