@@ -35,11 +35,11 @@ def _clean(value: Any) -> Any:
     return value
 
 
-class JsonlLog:
-    """An append-only JSON-lines file, flushed (and fsynced) on every `append`.
+class LineLog:
+    """An append-only text file of lines, flushed (and fsynced) on every `append_lines`.
 
-    A torn last line (the process died mid-write) is dropped on open, never misread.
-    """
+    A torn last line (the process died mid-write) is dropped on open, never misread; `rewrite_lines`
+    replaces the file atomically. `JsonlLog` and certify's TSV log are this with an encoding."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -54,15 +54,31 @@ class JsonlLog:
             # Truncate in place (never rewrite): a crash during repair cannot lose complete lines.
             os.truncate(self.path, data.rfind(b"\n") + 1)
 
-    def append(self, rows: Iterable[Record]) -> int:
-        lines = [json.dumps(_clean(r), sort_keys=True, separators=(",", ":")) + "\n" for r in rows]
+    def append_lines(self, lines: list[str]) -> int:
         if not lines:
             return 0
         with open(self.path, "a", encoding="utf-8") as f:
-            f.writelines(lines)
+            f.writelines(line + "\n" for line in lines)
             f.flush()
             os.fsync(f.fileno())
         return len(lines)
+
+    def rewrite_lines(self, lines: Iterable[str]) -> None:
+        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(line + "\n" for line in lines)
+        os.replace(tmp, self.path)
+
+
+class JsonlLog(LineLog):
+    """A JSON-lines `LineLog`: one record (a flat JSON object) per line."""
+
+    @staticmethod
+    def _encode(r: Record) -> str:
+        return json.dumps(_clean(r), sort_keys=True, separators=(",", ":"))
+
+    def append(self, rows: Iterable[Record]) -> int:
+        return self.append_lines([self._encode(r) for r in rows])
 
     def __iter__(self) -> Iterator[Record]:
         if not self.path.is_file():
@@ -83,11 +99,7 @@ class JsonlLog:
 
     def rewrite(self, rows: Iterable[Record]) -> None:
         """Atomically replace the whole file (used when truncating to a checkpoint)."""
-        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(_clean(r), sort_keys=True, separators=(",", ":")) + "\n")
-        os.replace(tmp, self.path)
+        self.rewrite_lines(self._encode(r) for r in rows)
 
 
 class RecordLog(JsonlLog):

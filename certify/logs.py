@@ -9,12 +9,12 @@ as ``H:MM:SS.ffffff`` (also ``D day(s), H:MM:SS``) or as plain seconds, as publi
 from __future__ import annotations
 
 import datetime
-import os
 import re
 from pathlib import Path
 from typing import Any
 
 from bastion.errors import RunError
+from bastion.records import LineLog
 
 CERTIFY_HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime"
 PREDICT_HEADER = "idx\tlabel\tpredict\tcorrect\ttime"
@@ -55,35 +55,24 @@ def predict_line(idx: int, label: int, predict: int, time_s: float) -> str:
     return f"{int(idx)}\t{int(label)}\t{int(predict)}\t{correct}\t{format_time(time_s)}"
 
 
-class TsvLog:
-    """An append-only TSV log with a fixed header, flushed per line; a torn last line is dropped."""
+class TsvLog(LineLog):
+    """The CERTIFY/PREDICT TSV log: a `LineLog` with a fixed header line, flushed per row."""
 
     def __init__(self, path: str | Path, header: str):
-        self.path = Path(path)
+        super().__init__(path)
         self.header = header
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.is_file():
-            data = self.path.read_bytes()
-            if data and not data.endswith(b"\n"):
-                self.path.write_bytes(data[: data.rfind(b"\n") + 1])
             first = self.path.read_text().split("\n", 1)[0]
             if first and first != header:
                 raise RunError(f"{str(self.path)!r} has header {first!r}, expected {header!r}")
         if not self.path.is_file() or self.path.stat().st_size == 0:
-            self.path.write_text(header + "\n")
+            self.append_lines([header])
 
     def append(self, line: str) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
-            f.flush()
+        self.append_lines([line])
 
     def rewrite(self, lines: list[str]) -> None:
-        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(self.header + "\n")
-            for line in lines:
-                f.write(line + "\n")
-        os.replace(tmp, self.path)
+        self.rewrite_lines([self.header, *lines])
 
 
 def read_log(path: str | Path) -> list[dict[str, Any]]:
