@@ -38,7 +38,8 @@ def metrics_document(sections: list[dict[str, Any]], title: str = "Bastion repor
     return {"schema_version": SCHEMA_VERSION, "title": title, "sections": sections}
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend (renderers draw figures with it)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -84,7 +85,7 @@ def _render_robustness(sec: dict[str, Any]) -> tuple[str, list]:
         text = flag if isinstance(flag, str) else f"**{flag.get('name', 'flag')}**: {flag.get('message', '')}"
         parts.append(f"> ⚠ {text}")
     figs = []
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3))
     series = [("clean", clean)] + [(f"robust {t}", b) for t, b in robust.items()]
     width = 0.8 / len(series)
@@ -125,7 +126,7 @@ def _render_robustness(sec: dict[str, Any]) -> tuple[str, list]:
 def _render_robustness_curves(sec: dict[str, Any]) -> tuple[str, list]:
     """Several models' robust accuracy vs epsilon on one plot: data = {model: {eps: acc}}."""
     d = sec["data"]["models"]
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3))
     rows = []
     for name, curve in d.items():
@@ -160,7 +161,7 @@ register_renderer("text", _render_text)
 def _fig_png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
-    _plt().close(fig)
+    pyplot().close(fig)
     return buf.getvalue()
 
 

@@ -54,9 +54,9 @@ def render_certification(sec: dict[str, Any]) -> tuple[str, list]:
         parts.append(f"> Sequential mode stops once an example is certified at radius >= {d.get('max_radius')} "
                      f"(the largest reported radius) or cannot reach 1/2; its certificates hold at the same alpha, "
                      f"but ACR and radii above the stop radius are lower bounds of exact mode's.")
-    from bastion.report import _plt
+    from bastion.report import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for s in settings:
         c = s["curve"]

@@ -47,7 +47,7 @@ def run_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def render_training(sec: dict[str, Any]) -> tuple[str, list]:
-    from bastion.report import _plt
+    from bastion.report import pyplot
 
     data = sec.get("data", {})
     runs = _runs(data)
@@ -89,7 +89,7 @@ def render_training(sec: dict[str, Any]) -> tuple[str, list]:
     figs = []
     monitored = [r for r in runs if any("val_pgd" in e for e in r.get("history", []))]
     if monitored:
-        plt = _plt()
+        plt = pyplot()
         fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
         colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
         co_labelled = False
