@@ -9,6 +9,13 @@ from typing import Any
 from bastion.data import DATASETS, ImageDataset, load_dataset
 
 
+def add_command(sub, common: argparse.ArgumentParser, name: str, *, help: str, description: str,
+                epilog: str) -> argparse.ArgumentParser:
+    """One ``bastion NAME`` subcommand with the common options and a verbatim examples epilog."""
+    return sub.add_parser(name, parents=[common], help=help, description=description, epilog=epilog,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def add_data_args(p: argparse.ArgumentParser, default: str | None = "digits") -> None:
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=default,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from experiments.common import add_data_args, data_from_args, run_config
+from experiments.common import add_command, add_data_args, data_from_args, run_config
 
 HELP = """examples:
   bastion certify --model runs/gauss/model.safetensors --sigma 0.25 --n0 100 --n 100000 --alpha 0.001 --skip 20
@@ -22,11 +22,11 @@ EXECUTION_ONLY = ("backend", "workers", "threads", "address", "retries", "num_gp
 
 
 def register(sub, common) -> None:
-    p = sub.add_parser("certify", parents=[common], help="randomized-smoothing certification (Cohen et al.)",
-                       description="Certify (or, with --predict, predict with) the Gaussian-smoothed classifier "
-                                   "of one or more checkpoints: certified accuracy at radii and its curve, "
-                                   "abstention, ACR, time per example. Resumable; shards over local processes "
-                                   "or Ray.", epilog=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_command(sub, common, "certify", help="randomized-smoothing certification (Cohen et al.)",
+                    description="Certify (or, with --predict, predict with) the Gaussian-smoothed classifier "
+                                "of one or more checkpoints: certified accuracy at radii and its curve, "
+                                "abstention, ACR, time per example. Resumable; shards over local processes "
+                                "or Ray.", epilog=HELP)
     p.add_argument("--model", nargs="+", required=True,
                    help="checkpoint(s) made by bastion train (NAME.safetensors with NAME.json beside it)")
     p.add_argument("--sigma", nargs="+", type=float, required=True,

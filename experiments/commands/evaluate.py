@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from experiments.common import add_data_args, data_from_args, run_config
+from experiments.common import add_command, add_data_args, data_from_args, run_config
 
 HELP = """examples:
   bastion evaluate --model runs/pgd/model.safetensors --eps 0.1,0.2 --out runs/eval-pgd
@@ -26,11 +26,10 @@ smoothadv, autoattack, autoattack-rand, autoattack-plus, torchattacks:<Name> (to
 
 
 def register(sub, common) -> None:
-    p = sub.add_parser("evaluate", parents=[common], help="clean and robust accuracy of a checkpoint (resumable)",
-                       description="Evaluate a checkpoint: clean accuracy and robust accuracy under a suite of "
-                                   "attacks at each epsilon, per class. Records are appended as produced; "
-                                   "rerun the same command to resume.", epilog=HELP,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_command(sub, common, "evaluate", help="clean and robust accuracy of a checkpoint (resumable)",
+                    description="Evaluate a checkpoint: clean accuracy and robust accuracy under a suite of "
+                                "attacks at each epsilon, per class. Records are appended as produced; "
+                                "rerun the same command to resume.", epilog=HELP)
     p.add_argument("--model", required=True, help="checkpoint (NAME.safetensors with NAME.json beside it)")
     add_data_args(p, default=None)
     p.add_argument("--split", default="test", choices=["train", "test"])

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from experiments.common import add_command
+
 
 def register(sub, common) -> None:
-    p = sub.add_parser("quickstart", parents=[common], help="train, attack, certify on embedded digits; write a report",
-                       description="Run every quickstart section on scikit-learn's embedded digits and write "
-                                   "OUT/report.html. Rerunning reuses finished models and recorded results.",
-                       epilog="example:\n  bastion quickstart --out runs/quickstart",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_command(sub, common, "quickstart", help="train, attack, certify on embedded digits; write a report",
+                    description="Run every quickstart section on scikit-learn's embedded digits and write "
+                                "OUT/report.html. Rerunning reuses finished models and recorded results.",
+                    epilog="example:\n  bastion quickstart --out runs/quickstart")
     p.add_argument("--out", default="runs/quickstart", help="output directory (default runs/quickstart)")
     p.add_argument("--only", default=None, help="comma-separated section names to run")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+from experiments.common import add_command
+
 
 def register(sub, common) -> None:
-    p = sub.add_parser("report", parents=[common], help="write report.md/report.html of a run",
-                       description="Render a run directory's metrics.json into report.md and a "
-                                   "self-contained report.html.",
-                       epilog="example:\n  bastion report runs/quickstart",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_command(sub, common, "report", help="write report.md/report.html of a run",
+                    description="Render a run directory's metrics.json into report.md and a "
+                                "self-contained report.html.",
+                    epilog="example:\n  bastion report runs/quickstart")
     p.add_argument("run_dir", help="a run directory holding metrics.json")
     p.set_defaults(func=run)
 

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import argparse
 
+from experiments.common import add_command
+
 
 def register(sub, common) -> None:
-    p = sub.add_parser("run", parents=[common], help="run a TOML config",
-                       description="Run a TOML config: a top-level key `command` names the subcommand "
-                                   "(train, evaluate, certify, ...) and the other keys are its options. "
-                                   "Unknown keys are an error.",
-                       epilog="example:\n  bastion run experiments/configs/quickstart_pgd.toml",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_command(sub, common, "run", help="run a TOML config",
+                    description="Run a TOML config: a top-level key `command` names the subcommand "
+                                "(train, evaluate, certify, ...) and the other keys are its options. "
+                                "Unknown keys are an error.",
+                    epilog="example:\n  bastion run experiments/configs/digits_pgd.toml")
     p.add_argument("config", help="path to a .toml file")
     p.set_defaults(func=run)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from experiments.common import add_data_args, data_from_args, run_config
+from experiments.common import add_command, add_data_args, data_from_args, run_config
 from experiments.config import parse_params
 
 HELP = """examples:
@@ -19,10 +19,10 @@ HELP = """examples:
 
 
 def register(sub, common) -> None:
-    p = sub.add_parser("train", parents=[common], help="train a model (any objective); resumes after a kill",
-                       description="Train a model with one of the registered objectives. Checkpoints every "
-                                   "epoch into OUT/checkpoints and resumes from the last one.",
-                       epilog=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_command(sub, common, "train", help="train a model (any objective); resumes after a kill",
+                    description="Train a model with one of the registered objectives. Checkpoints every "
+                                "epoch into OUT/checkpoints and resumes from the last one.",
+                    epilog=HELP)
     add_data_args(p)
     m = p.add_argument_group("model")
     m.add_argument("--model", default="small_cnn", help="architecture name (see bastion.models.list_models)")
