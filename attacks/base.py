@@ -18,6 +18,7 @@ Every attack
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import contextvars
 import dataclasses
@@ -205,7 +206,7 @@ def generator_is_default(generator: torch.Generator) -> bool:
 # The base class
 # ---------------------------------------------------------------------------------------------
 
-class Attack:
+class Attack(abc.ABC):
     """Base class. Subclasses set ``config_class`` and implement ``_run``.
 
     Class attributes: ``gradient_free`` (a black-box attack: its successes after white-box attacks
@@ -279,9 +280,10 @@ class Attack:
         res.step = res.step.to(in_device)
         return res
 
+    @abc.abstractmethod
     def _run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, y_target: torch.Tensor | None,
              generator: torch.Generator) -> AttackResult:
-        raise NotImplementedError
+        """Attack a batch already on the model's device, in attack mode, with the RNG forked."""
 
 
 # ---------------------------------------------------------------------------------------------
