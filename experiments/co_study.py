@@ -26,7 +26,7 @@ from bastion.models import create_model
 from bastion.train import TrainConfig, create_objective, fit
 
 KEYS = ("name", "dataset", "data_root", "image_size", "model", "model_kwargs", "eps", "seeds", "train", "monitor",
-        "methods", "train_examples", "test_examples", "threads", "description")
+        "methods", "train_examples", "test_examples", "threads", "description", "expect")
 MONITOR_KEYS = ("pgd_steps", "every", "every_examples", "co_stop", "pgd_alpha")
 CURVE_KEYS = ("epoch", "train_loss", "train_acc", "val_clean", "val_fgsm", "val_pgd", "val_aae_frac", "aae_frac",
               "v_gap", "gate_open_frac", "co", "co_event", "train_reg", "train_mixed", "train_v_a", "train_v_n",
@@ -141,6 +141,27 @@ def summarize(cfg: dict[str, Any], results: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def check_expectations(cfg: dict[str, Any], results: list[dict[str, Any]]) -> list[tuple[str, bool]]:
+    """The claims a config states in ``[expect]``: ``co_min_fraction = {method = f}`` (CO flagged in
+    at least that fraction of the method's runs) and ``co_max_fraction = {method = f}``. Fractions,
+    so a shard over some of the seeds is checked on its own runs; methods not run are skipped."""
+    expect = cfg.get("expect", {})
+    unknown = sorted(set(expect) - {"co_min_fraction", "co_max_fraction"})
+    if unknown:
+        raise ConfigError(f"unknown [expect] key(s) {unknown}; known: co_min_fraction, co_max_fraction")
+    checks = []
+    for kind, table in expect.items():
+        for meth, f in table.items():
+            rs = [r for r in results if r["method"] == meth and r["summary"]]
+            if not rs:
+                continue
+            n_co = sum(bool(r["summary"]["co"]) for r in rs)
+            ok = n_co >= f * len(rs) if kind == "co_min_fraction" else n_co <= f * len(rs)
+            checks.append((f"{meth}: CO flagged in {n_co}/{len(rs)} runs "
+                           f"({'>=' if kind == 'co_min_fraction' else '<='} {f:g} of them)", ok))
+    return checks
+
+
 def _fmt(v: float | None, d: int = 3) -> str:
     return "–" if v is None else f"{v:.{d}f}"
 
@@ -196,10 +217,15 @@ def main(argv: list[str] | None = None) -> int:
                     results_path.write_text(json.dumps({"config": cfg, "runs": list(done.values())}, indent=1))
                 results.append(done[key])
         write_outputs(cfg, results, out)
+        checks = check_expectations(cfg, results)
     except BastionError as exc:
         print(f"error: {exc}")
         return 2
-    return 0
+    if checks:
+        print("\n| expectation | met |\n|---|---|")
+        for what, ok in checks:
+            print(f"| {what} | {'yes' if ok else 'NO'} |")
+    return 0 if all(ok for _, ok in checks) else 1
 
 
 def mean_history(histories: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:

@@ -117,3 +117,18 @@ params = { lambda3 = 5.0 }
     assert (tmp_path / "o" / "report.html").is_file()
     # resumable: a second call reuses the finished runs
     assert main([str(cfg), "--out", str(tmp_path / "o")]) == 0
+
+
+def test_study_expectations_are_checked():
+    from experiments.co_study import check_expectations, read_config
+
+    cfg = read_config(Path(__file__).resolve().parents[1] / "experiments" / "configs" / "co_study_digits.toml")
+    assert cfg["expect"] == {"co_min_fraction": {"fgsm": 0.8}, "co_max_fraction": {"n_fgsm": 0.0}}
+
+    def run(method, co):
+        return {"method": method, "summary": {"co": co}}
+
+    ok = [run("fgsm", True)] * 4 + [run("fgsm", False)] + [run("n_fgsm", False)] * 5
+    assert all(met for _, met in check_expectations(cfg, ok))
+    bad = [run("fgsm", True)] * 3 + [run("fgsm", False)] * 2 + [run("n_fgsm", True)] + [run("n_fgsm", False)] * 4
+    assert [met for _, met in check_expectations(cfg, bad)] == [False, False]
