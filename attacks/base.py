@@ -32,6 +32,7 @@ from torch import nn
 
 from bastion.errors import BastionError, ConfigError
 from bastion.threat import ThreatModel
+from bastion.rng import child_generator, forked_rng, model_device  # noqa: F401  (re-exported)
 
 
 class AttackError(BastionError):
@@ -130,15 +131,6 @@ class AttackResult:
 # Model and RNG hygiene
 # ---------------------------------------------------------------------------------------------
 
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (or buffer); CPU for a stateless module."""
-    p = next(iter(model.parameters()), None)
-    if p is not None:
-        return p.device
-    b = next(iter(model.buffers()), None)
-    return b.device if b is not None else torch.device("cpu")
-
-
 @contextlib.contextmanager
 def attack_mode(model: nn.Module, eval_mode: bool = True) -> Iterator[None]:
     """Put ``model`` in eval mode with frozen parameters; restore every module's mode and every
@@ -156,28 +148,6 @@ def attack_mode(model: nn.Module, eval_mode: bool = True) -> Iterator[None]:
             m.training = t
         for p, r in flags:
             p.requires_grad_(r)
-
-
-@contextlib.contextmanager
-def forked_rng(device: torch.device, generator: torch.Generator) -> Iterator[None]:
-    """Run a block with the global RNG of the CPU (and of ``device`` when CUDA) seeded from
-    ``generator``; the caller's global RNG state is restored afterwards."""
-    seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=generator.device))
-    cuda = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda, device_type="cuda"):
-        torch.default_generator.manual_seed(seed)
-        if cuda:
-            with torch.cuda.device(device):
-                torch.cuda.manual_seed(seed)
-        yield
-
-
-def child_generator(generator: torch.Generator, device: torch.device | None = None) -> torch.Generator:
-    """A new generator on ``device`` seeded by one draw of ``generator`` (independent streams)."""
-    seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=generator.device))
-    g = torch.Generator(device=device if device is not None else generator.device)
-    g.manual_seed(seed)
-    return g
 
 
 def select_targets(logits: torch.Tensor, y: torch.Tensor, how: str, generator: torch.Generator) -> torch.Tensor:

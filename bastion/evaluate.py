@@ -9,7 +9,6 @@ records and appends only the missing ones, ends with exactly the records of an u
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -19,6 +18,7 @@ from torch import nn
 
 from bastion.data import ImageDataset, check_images
 from bastion.records import Record, RunDir
+from bastion.rng import derive_seed, make_generator, model_device  # noqa: F401  (re-exported)
 from bastion.threat import ThreatModel
 
 
@@ -31,26 +31,6 @@ class Probe(Protocol):
 
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor,
             generator: torch.Generator) -> list[Record]: ...
-
-
-def model_device(model: nn.Module) -> torch.device:
-    p = next(iter(model.parameters()), None)
-    if p is None:
-        b = next(iter(model.buffers()), None)
-        return b.device if b is not None else torch.device("cpu")
-    return p.device
-
-
-def derive_seed(*parts: Any) -> int:
-    """A 63-bit seed from any parts (run seed, probe name, chunk, example index...)."""
-    h = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") & ((1 << 63) - 1)
-
-
-def make_generator(device: torch.device | str, *parts: Any) -> torch.Generator:
-    g = torch.Generator(device=device)
-    g.manual_seed(derive_seed(*parts))
-    return g
 
 
 @torch.no_grad()

@@ -65,7 +65,7 @@ import torch
 from torch import nn
 
 from bastion.errors import ConfigError, ModelError
-from bastion.evaluate import derive_seed, model_device
+from bastion.rng import derive_seed, model_device
 from certify.stats import ABSTAIN, cp_lower, cp_upper, predict_decision, radius
 
 NOISE_BLOCK = 100

@@ -23,7 +23,7 @@ from torch import nn
 
 from bastion.data import ImageDataset
 from bastion.errors import ConfigError
-from bastion.evaluate import make_generator, model_device
+from bastion.rng import make_generator, model_device
 from bastion.records import JsonlLog
 from bastion.threat import ThreatModel, parse_eps
 from bastion.train import Callback, StepContext, StopTraining, pgd_linf_attack
