@@ -122,16 +122,9 @@ class SmoothedObjective:
         self.batch = int(batch)
 
     def __call__(self, model, x, y, target):
-        m = self.num_noise
-        per = max(1, self.batch // m)
-        probs = []
-        for s in range(0, x.shape[0], per):
-            xs = x[s:s + per]
-            rep = xs.repeat_interleave(m, dim=0)
-            noisy = rep + self.sigma * torch.randn_like(rep)
-            p = F.softmax(model(noisy), dim=1).view(xs.shape[0], m, -1).mean(dim=1)
-            probs.append(p)
-        logp = torch.cat(probs).clamp_min(1e-12).log()
+        from certify.smoothing import SoftSmoothed  # the one soft smoothed classifier
+
+        logp = SoftSmoothed(model, self.sigma, self.num_noise, self.batch)(x)
         cls = y if target is None else target
         nll = F.nll_loss(logp, cls, reduction="none")
         return ObjectiveOutput(nll if target is None else -nll, logp)

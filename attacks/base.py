@@ -298,6 +298,13 @@ def is_attack(name: str) -> bool:
     return name in _REGISTRY or (":" in name and name.split(":", 1)[0] in _PREFIXES)
 
 
+def attack_config_fields(name: str) -> set[str]:
+    """The configuration fields a registered attack takes (empty for prefix attacks such as
+    ``torchattacks:<Name>``, whose parameters belong to the third-party class)."""
+    entry = _REGISTRY.get(name)
+    return {f.name for f in dataclasses.fields(entry.cls.config_class)} if entry is not None else set()
+
+
 def attack_doc(name: str) -> str:
     return _REGISTRY[name].doc if name in _REGISTRY else ""
 

@@ -27,8 +27,7 @@ fixed order), so a resumed run recomputes a chunk to exactly the same records.
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -37,21 +36,9 @@ from torch import nn
 
 from attacks.base import Attack, attack_mode, child_generator, create_attack, forked_rng
 from bastion.errors import ConfigError, ThreatModelViolation
+from bastion.metrics import FLAG_MESSAGES, sanity_flags  # noqa: F401  (re-exported; the robust fold uses them)
+from bastion.records import RobustRecord
 from bastion.threat import ThreatModel
-
-FLAG_MESSAGES = {
-    "random_output": "model output is randomized on {n} example(s) (repeated forward passes disagree): "
-                     "evaluate with EOT (eot-pgd, eot-apgd) or autoattack-rand",
-    "probability_output": "model outputs look like probabilities on {n} example(s): attack logits, "
-                          "not softmax outputs",
-    "zero_gradient": "the loss gradient is exactly zero at {n} clean input(s): gradient-based attacks "
-                     "may be unreliable (gradient masking)",
-    "black_box_win": "a gradient-free attack broke {n} example(s) that every white-box attack before it "
-                     "missed: possible gradient masking; try adaptive attacks",
-    "weaker_beats_stronger": "the strongest white-box attack failed on {n} example(s) that a weaker "
-                             "attack broke: possible gradient masking or a weak configuration",
-}
-
 
 def _is_gradient_free(attack: Attack, part: str | None = None) -> bool:
     if part is not None:
@@ -90,7 +77,7 @@ class AttackProbe:
         self.name = name or f"{self.suite}@{self.threat}"
 
     def describe(self) -> dict[str, Any]:
-        return {"threat": str(self.threat), "attacks": [a.describe() for a in self.attacks],
+        return {"kind": "robust", "threat": str(self.threat), "attacks": [a.describe() for a in self.attacks],
                 "cross_check": self.cross_check}
 
     # -- checks ------------------------------------------------------------------------------
@@ -176,9 +163,9 @@ class AttackProbe:
                     flags[int(idx[j])].append(f"note:{atk.name}: {note}")
         if self.cross_check > 0:
             self._cross_check(model, x, y, first_broken, flags, g_cross)
-        return [{"index": int(i), "probe": self.name, "kind": "robust", "threat": str(self.threat),
-                 "attack": self.suite, "broken_by": broken_by[j], "step": step[j], "label": int(y[j]),
-                 "pred": int(pred[j]), "correct": bool(pred[j] == y[j]), "flags": flags[j]}
+        return [RobustRecord(index=int(i), probe=self.name, threat=str(self.threat), attack=self.suite,
+                             broken_by=broken_by[j], step=step[j], label=int(y[j]), pred=int(pred[j]),
+                             correct=bool(pred[j] == y[j]), flags=tuple(flags[j])).to_record()
                 for j, i in enumerate(indices.tolist())]
 
     def _cross_check(self, model, x, y, first_broken, flags, generator) -> None:
@@ -197,27 +184,3 @@ class AttackProbe:
         for j, i in enumerate(cand):
             if bool(p[j] == y[i]):
                 flags[i].append("weaker_beats_stronger")
-
-
-def sanity_flags(records: Iterable[dict[str, Any]]) -> list[str]:
-    """Fold per-example ``flags`` of robust records into one-line warnings (per threat model)."""
-    counts: dict[str, Counter] = defaultdict(Counter)
-    seen: dict[str, set] = defaultdict(set)
-    for r in records:
-        if r.get("kind") != "robust":
-            continue
-        threat = str(r.get("threat"))
-        for f in r.get("flags") or ():
-            key = (int(r["index"]), f)
-            if key in seen[threat]:
-                continue
-            seen[threat].add(key)
-            counts[threat][f] += 1
-    out: list[str] = []
-    for threat in sorted(counts):
-        for flag, n in sorted(counts[threat].items()):
-            if flag.startswith("note:"):
-                out.append(f"{threat}: {flag[5:]}")
-            else:
-                out.append(f"{threat}: " + FLAG_MESSAGES.get(flag, flag + " on {n} example(s)").format(n=n))
-    return out

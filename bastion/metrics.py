@@ -9,13 +9,17 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
 
-from bastion.records import Record
+from bastion.records import BaseRecord, Record
+
+
+def _as_dicts(records: Iterable[Record | BaseRecord]) -> list[Record]:
+    return [r.to_record() if isinstance(r, BaseRecord) else r for r in records]
 
 
 def disparity(per_class: Sequence[float | None]) -> dict[str, float]:
@@ -44,7 +48,7 @@ def _accuracy_block(labels: list[int], correct: list[bool], class_names: Sequenc
             "per_class": {name: v for name, v in zip(class_names, pc)}, "disparity": disparity(pc)}
 
 
-def classification_metrics(records: Iterable[Record], class_names: Sequence[str]) -> dict[str, Any]:
+def classification_metrics(records: Iterable[Record | BaseRecord], class_names: Sequence[str]) -> dict[str, Any]:
     """Fold ``clean`` and ``robust`` records into clean/robust accuracy with per-class breakdowns.
 
     Robust accuracy for threat T: mean over examples with a clean record of
@@ -55,7 +59,7 @@ def classification_metrics(records: Iterable[Record], class_names: Sequence[str]
     that broke each example."""
     clean: dict[int, Record] = {}
     robust: dict[str, dict[int, list[Record]]] = defaultdict(lambda: defaultdict(list))
-    for r in records:
+    for r in _as_dicts(records):
         kind = r.get("kind")
         if kind == "clean":
             clean[int(r["index"])] = r
@@ -82,6 +86,45 @@ def classification_metrics(records: Iterable[Record], class_names: Sequence[str]
         block["broken_by"] = dict(broken_by)
         block["missing"] = sum(1 for i, c in zip(idx, cc) if c and not by_ex.get(i))
         out["robust"][threat] = block
+    return out
+
+
+FLAG_MESSAGES = {
+    "random_output": "model output is randomized on {n} example(s) (repeated forward passes disagree): "
+                     "evaluate with EOT (eot-pgd, eot-apgd) or autoattack-rand",
+    "probability_output": "model outputs look like probabilities on {n} example(s): attack logits, "
+                          "not softmax outputs",
+    "zero_gradient": "the loss gradient is exactly zero at {n} clean input(s): gradient-based attacks "
+                     "may be unreliable (gradient masking)",
+    "black_box_win": "a gradient-free attack broke {n} example(s) that every white-box attack before it "
+                     "missed: possible gradient masking; try adaptive attacks",
+    "weaker_beats_stronger": "the strongest white-box attack failed on {n} example(s) that a weaker "
+                             "attack broke: possible gradient masking or a weak configuration",
+}
+
+
+def sanity_flags(records: Iterable[Record | BaseRecord]) -> list[str]:
+    """Fold the per-example ``flags`` of robust records into one-line warnings per threat model
+    (an example counts once per flag and threat model; ``note:...`` flags pass through)."""
+    counts: dict[str, Counter] = defaultdict(Counter)
+    seen: dict[str, set] = defaultdict(set)
+    for r in _as_dicts(records):
+        if r.get("kind") != "robust":
+            continue
+        threat = str(r.get("threat"))
+        for f in r.get("flags") or ():
+            key = (int(r["index"]), f)
+            if key in seen[threat]:
+                continue
+            seen[threat].add(key)
+            counts[threat][f] += 1
+    out: list[str] = []
+    for threat in sorted(counts):
+        for flag, n in sorted(counts[threat].items()):
+            if flag.startswith("note:"):
+                out.append(f"{threat}: {flag[5:]}")
+            else:
+                out.append(f"{threat}: " + FLAG_MESSAGES.get(flag, flag + " on {n} example(s)").format(n=n))
     return out
 
 

@@ -9,30 +9,35 @@ shards of the same run merge by concatenation.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
 
 from bastion.errors import RunError
 
 Record = dict[str, Any]
 
 
-def _clean(value: Any) -> Any:
-    """Make a value JSON-safe (tensors/numpy scalars to Python numbers)."""
+def to_jsonable(value: Any) -> Any:
+    """Make a value JSON-safe (tensors/numpy scalars to Python numbers, tuples to lists)."""
     if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
         return value.item()
     if hasattr(value, "tolist"):
         return value.tolist()
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
+        return {k: to_jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [to_jsonable(v) for v in value]
     return value
+
+
+_clean = to_jsonable  # the name other modules used before it was public
 
 
 class LineLog:
@@ -75,7 +80,7 @@ class JsonlLog(LineLog):
 
     @staticmethod
     def _encode(r: Record) -> str:
-        return json.dumps(_clean(r), sort_keys=True, separators=(",", ":"))
+        return json.dumps(to_jsonable(r), sort_keys=True, separators=(",", ":"))
 
     def append(self, rows: Iterable[Record]) -> int:
         return self.append_lines([self._encode(r) for r in rows])
@@ -106,7 +111,20 @@ class RecordLog(JsonlLog):
     """``records.jsonl``: per-example records keyed by (index, probe)."""
 
     def done_keys(self) -> set[tuple[int, str]]:
-        return {(int(r["index"]), str(r["probe"])) for r in self}
+        return {record_key(r) for r in self}
+
+    def unique(self) -> list[Record]:
+        """The log's records, one per (index, probe) (the first written wins; duplicates left by
+        an interrupted merge or by an older version's concurrent writers are dropped)."""
+        return merge_records([self])
+
+
+def record_key(r: Record) -> tuple[int, str]:
+    """The resume key of a record: (data set index, probe name)."""
+    try:
+        return int(r["index"]), str(r["probe"])
+    except (KeyError, TypeError, ValueError):
+        raise RunError(f"a record has no valid 'index'/'probe' (the run log is damaged): {str(r)[:120]}") from None
 
 
 def merge_records(logs: Iterable[RecordLog | Iterable[Record]]) -> list[Record]:
@@ -114,13 +132,177 @@ def merge_records(logs: Iterable[RecordLog | Iterable[Record]]) -> list[Record]:
     seen: dict[tuple[int, str], Record] = {}
     for log in logs:
         for r in log:
-            seen.setdefault((int(r["index"]), str(r["probe"])), r)
+            seen.setdefault(record_key(r), r)
     return [seen[k] for k in sorted(seen, key=lambda k: (k[1], k[0]))]
+
+
+# ---------------------------------------------------------------------------------------------
+# Typed records
+# ---------------------------------------------------------------------------------------------
+
+SCHEMA_VERSION = 2
+_RECORD_TYPES: dict[str, type[BaseRecord]] = {}
+
+
+@dataclass(frozen=True, kw_only=True)
+class BaseRecord:
+    """Fields every record has. ``pred`` is the predicted class (-1: abstained), ``correct`` a bool,
+    ``split`` the part of the data the example belongs to (``test``; conformal runs also write
+    ``calibration``)."""
+
+    kind: ClassVar[str] = ""
+    index: int
+    probe: str
+    label: int
+    pred: int
+    correct: bool
+    split: str = "test"
+
+    @property
+    def key(self) -> tuple[int, str]:
+        return self.index, self.probe
+
+    def to_record(self) -> Record:
+        """The flat JSON object written to ``records.jsonl`` (with ``kind`` and ``schema``)."""
+        d = to_jsonable({f.name: getattr(self, f.name) for f in fields(self)})
+        return d | {"kind": self.kind, "schema": SCHEMA_VERSION}
+
+    @classmethod
+    def from_record(cls, r: Record) -> BaseRecord:
+        names = {f.name for f in fields(cls)}
+        try:
+            return cls(**{k: v for k, v in r.items() if k in names})
+        except TypeError as exc:
+            raise RunError(f"a {cls.kind!r} record lacks a field ({exc}): {str(r)[:120]}") from None
+
+
+def register_record_type(cls: type[BaseRecord]) -> type[BaseRecord]:
+    """Class decorator: make ``cls.kind`` readable by `parse_record` (packages add their kinds)."""
+    if not cls.kind:
+        raise ValueError(f"{cls.__name__} has no kind")
+    _RECORD_TYPES[cls.kind] = cls
+    return cls
+
+
+def record_types() -> dict[str, type[BaseRecord]]:
+    return dict(_RECORD_TYPES)
+
+
+@register_record_type
+@dataclass(frozen=True, kw_only=True)
+class CleanRecord(BaseRecord):
+    kind: ClassVar[str] = "clean"
+
+
+@register_record_type
+@dataclass(frozen=True, kw_only=True)
+class RobustRecord(BaseRecord):
+    """One example under a suite of attacks at one threat model; ``pred``/``correct`` on the
+    strongest adversary found (the clean prediction when the example was already misclassified)."""
+
+    kind: ClassVar[str] = "robust"
+    threat: str
+    attack: str
+    broken_by: str | None = None
+    step: int | None = None
+    flags: tuple[str, ...] = ()
+
+
+@register_record_type
+@dataclass(frozen=True, kw_only=True)
+class CertifyRecord(BaseRecord):
+    """Randomized-smoothing CERTIFY: ``pred`` -1 means abstained; ``radius`` in L2 pixel units."""
+
+    kind: ClassVar[str] = "certify"
+    sigma: float
+    radius: float
+    p_lower: float | None = None
+    c_a: int | None = None
+    n_a: int | None = None
+    n0: int | None = None
+    n: int | None = None
+    samples: int | None = None
+    looks: int | None = None
+    stopped: str = "final"
+    time_s: float | None = None
+
+
+@register_record_type
+@dataclass(frozen=True, kw_only=True)
+class PredictRecord(BaseRecord):
+    """Randomized-smoothing PREDICT: ``pred`` -1 means abstained."""
+
+    kind: ClassVar[str] = "predict"
+    sigma: float
+    pvalue: float | None = None
+    n1: int | None = None
+    n2: int | None = None
+    n: int | None = None
+    samples: int | None = None
+    time_s: float | None = None
+
+
+@register_record_type
+@dataclass(frozen=True, kw_only=True)
+class DetectRecord(BaseRecord):
+    """A detector's score for one input: higher = more likely adversarial. ``adversarial`` says
+    whether the scored input was an adversarial example (the ground truth of the detection task);
+    ``label``/``pred``/``correct`` are the classifier's on that input."""
+
+    kind: ClassVar[str] = "detect"
+    score: float
+    adversarial: bool
+    attack: str | None = None
+
+
+@register_record_type
+@dataclass(frozen=True, kw_only=True)
+class ConformalRecord(BaseRecord):
+    """A conformal score vector (``split="calibration"``) or prediction set (``split="test"``)."""
+
+    kind: ClassVar[str] = "conformal"
+    scores: tuple[float, ...] = ()
+    prediction_set: tuple[int, ...] = ()
+    attack: str | None = None
+
+
+def _upgrade(r: Record) -> Record:
+    """Read a schema-1 record (Bastion 0.1.0): certify/predict wrote ``predict`` and ``correct``
+    as 0/1; no record had ``split`` or ``schema``."""
+    if int(r.get("schema", 1)) >= SCHEMA_VERSION:
+        return r
+    r = dict(r)
+    if "pred" not in r and "predict" in r:
+        r["pred"] = r.pop("predict")
+    if "correct" in r:
+        r["correct"] = bool(r["correct"])
+    r.setdefault("split", "test")
+    return r
+
+
+def parse_record(r: Record) -> BaseRecord:
+    """A typed record from a log line of any schema version (unknown kinds raise `RunError`)."""
+    kind = r.get("kind")
+    cls = _RECORD_TYPES.get(str(kind))
+    if cls is None:
+        raise RunError(f"unknown record kind {kind!r} (known: {', '.join(sorted(_RECORD_TYPES))}); "
+                       f"is the package that writes it installed?")
+    r = _upgrade(r)
+    if "flags" in r and isinstance(r["flags"], list):
+        r = r | {"flags": tuple(r["flags"])}
+    for k in ("scores", "prediction_set"):
+        if isinstance(r.get(k), list):
+            r = r | {k: tuple(r[k])}
+    return cls.from_record(r)
+
+
+def parse_records(rows: Iterable[Record]) -> list[BaseRecord]:
+    return [parse_record(r) for r in rows]
 
 
 def config_digest(config: dict[str, Any]) -> str:
     """A stable hash of a config dict (keys sorted)."""
-    return hashlib.sha256(json.dumps(_clean(config), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(to_jsonable(config), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class RunDir:
@@ -146,9 +328,37 @@ class RunDir:
                                    f"directory or delete it to start over")
             else:
                 _write_toml(self.path / "config.toml", config)
-                self.write_json("config.json", {"digest": digest, "config": _clean(config)})
+                self.write_json("config.json", {"digest": digest, "config": to_jsonable(config)})
         elif not self.path.is_dir():
             raise RunError(f"run directory {str(self.path)!r} does not exist")
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the run directory's writer lock (``.lock``, an advisory ``flock``) for a block.
+
+        A second writer, in this or another process, gets a `RunError` naming the holder at once;
+        the lock dies with its process, so a killed run never leaves it stuck."""
+        import fcntl
+        import socket
+        import sys
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        f = open(self.path / ".lock", "a+", encoding="utf-8")
+        try:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                raise RunError(f"run directory {str(self.path)!r} is in use by {holder}; wait for it to finish "
+                               f"or use another --out") from None
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} on {socket.gethostname()} ({' '.join(sys.argv[:3])[:80]})\n")
+            f.flush()
+            yield
+        finally:
+            f.close()
 
     @property
     def records(self) -> RecordLog:
@@ -167,7 +377,7 @@ class RunDir:
     def write_json(self, name: str, obj: Any) -> Path:
         p = self.path / name
         tmp = p.with_suffix(p.suffix + ".tmp")
-        tmp.write_text(json.dumps(_clean(obj), indent=2, sort_keys=True, default=str))
+        tmp.write_text(json.dumps(to_jsonable(obj), indent=2, sort_keys=True, default=str))
         os.replace(tmp, p)
         return p
 
@@ -199,7 +409,7 @@ def to_toml(config: dict[str, Any]) -> str:
         if isinstance(v, dict):
             tables.append((k, v))
         else:
-            lines.append(f"{_toml_key(k)} = {_toml_value(_clean(v))}")
+            lines.append(f"{_toml_key(k)} = {_toml_value(to_jsonable(v))}")
 
     def emit(prefix: str, table: dict) -> None:
         lines.append(f"\n[{prefix}]")
@@ -208,7 +418,7 @@ def to_toml(config: dict[str, Any]) -> str:
             if isinstance(v, dict):
                 sub.append((f"{prefix}.{_toml_key(k)}", v))
             else:
-                lines.append(f"{_toml_key(k)} = {_toml_value(_clean(v))}")
+                lines.append(f"{_toml_key(k)} = {_toml_value(to_jsonable(v))}")
         for p, t in sub:
             emit(p, t)
 

@@ -229,6 +229,10 @@ def write_report(run_dir: str | Path, doc: dict[str, Any] | None = None) -> dict
     title = doc.get("title", "Bastion report")
     md_parts, html_parts = [f"# {title}"], [f"<h1>{html.escape(title)}</h1>"]
     fig_no = 0
+    if any(sec.get("type") not in _RENDERERS for sec in doc["sections"]):
+        from bastion.plugins import load_plugins
+
+        load_plugins()
     for sec in doc["sections"]:
         fn = _RENDERERS.get(sec.get("type", ""), _render_fallback)
         md, figs = fn(sec)

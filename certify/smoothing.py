@@ -419,6 +419,47 @@ class Smooth:
         return out
 
 
+class SoftSmoothed(nn.Module):
+    """The smoothed *soft* classifier ``G(x) = E_noise softmax(f(x + sigma * noise))``, estimated
+    with ``num_noise`` Gaussian draws per example; ``forward`` returns ``log G(x)`` (B, K).
+
+    Differentiable (SmoothAdv attacks it; RSCP+ scores with it). Noise comes from ``generator``
+    when one is given (set it per call with `set_generator`), else from torch's global RNG (which
+    the attack layer forks from its own generator). ``batch`` bounds examples x draws per forward
+    pass (memory)."""
+
+    def __init__(self, base: nn.Module, sigma: float, num_noise: int = 16, batch: int = 4096,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        if not (math.isfinite(sigma) and sigma > 0) or num_noise < 1 or batch < 1:
+            raise ConfigError(f"soft smoothing needs sigma > 0, num_noise >= 1 and batch >= 1 "
+                              f"(got {sigma}, {num_noise}, {batch})")
+        self.base = base
+        self.sigma = float(sigma)
+        self.num_noise = int(num_noise)
+        self.batch = int(batch)
+        self.generator = generator
+
+    def set_generator(self, generator: torch.Generator | None) -> None:
+        self.generator = generator
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.num_noise
+        per = max(1, self.batch // m)
+        probs = []
+        for s in range(0, x.shape[0], per):
+            xs = x[s:s + per]
+            rep = xs.repeat_interleave(m, dim=0)
+            if self.generator is None:
+                noise = torch.randn_like(rep)
+            else:
+                noise = torch.randn(rep.shape, generator=self.generator, device=self.generator.device,
+                                    dtype=rep.dtype).to(rep.device)
+            p = torch.softmax(self.base(rep + self.sigma * noise), dim=1).view(xs.shape[0], m, -1).mean(dim=1)
+            probs.append(p)
+        return torch.cat(probs).clamp_min(1e-12).log()
+
+
 def _plain(key: Any) -> int:
     try:
         return int(key)

@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from bastion.data import load_dataset
-from bastion.errors import DataError, RunError, ThreatModelViolation
-from bastion.evaluate import CleanProbe, PGDProbe, derive_seed, evaluate_model, make_generator, run_probes
+from attacks import AttackProbe
+from bastion.errors import DataError, RunError
+from bastion.evaluate import CleanProbe, derive_seed, evaluate_model, make_generator, run_probes
 from bastion.models import create_model
 from bastion.records import RecordLog, RunDir
+from bastion.runner import RunOptions
 from bastion.threat import ThreatModel
 from bastion.train import StandardObjective, TrainConfig, fit
 
@@ -33,8 +35,12 @@ def test_data():
     return load_dataset("synthetic", "test", seed=0, num_examples_total=70)
 
 
+def _pgd():
+    return AttackProbe(THREAT, ["pgd"], attack_params={"pgd": {"steps": 3}})
+
+
 def _probes():
-    return [CleanProbe(), PGDProbe(THREAT, steps=3)]
+    return [CleanProbe(), _pgd()]
 
 
 class DiesAfter:
@@ -58,7 +64,7 @@ def test_evaluate_model_metrics_and_records(tmp_path, model, test_data):
     m = evaluate_model(model, test_data, _probes(), tmp_path, CONFIG, batch_size=16, quiet=True)
     recs = _records(tmp_path)
     assert len(recs) == 2 * 70
-    assert {r["probe"] for r in recs} == {"clean", "pgd3@linf:16/255"}
+    assert {r["probe"] for r in recs} == {"clean", "pgd@linf:16/255"}
     clean = [r for r in recs if r["kind"] == "clean"]
     assert m["clean"]["accuracy"] == pytest.approx(sum(r["correct"] for r in clean) / 70)
     assert m["clean"]["accuracy"] > 0.5  # the model learned something
@@ -101,7 +107,7 @@ def test_resume_skips_recorded_chunks(tmp_path, model, test_data):
             calls.append(1)
             return CleanProbe().run(*args)
 
-    evaluate_model(model, test_data, [Spy(), PGDProbe(THREAT, steps=3)], tmp_path, CONFIG, batch_size=16,
+    evaluate_model(model, test_data, [Spy(), _pgd()], tmp_path, CONFIG, batch_size=16,
                    quiet=True)
     assert calls == [] and (tmp_path / "records.jsonl").read_bytes() == before
 
@@ -120,24 +126,11 @@ def test_subset_records_keep_dataset_indices(tmp_path, model, test_data):
     assert m["clean"]["n"] == len(sub)
 
 
-def test_pgd_probe_stays_in_threat_model_and_checks(model, test_data):
-    x, y = test_data.images[:16], test_data.labels[:16]
-    recs = PGDProbe(THREAT, steps=3).run(model, x, y, test_data.indices[:16], make_generator("cpu", 0, "p", 0))
-    assert len(recs) == 16 and all(r["kind"] == "robust" and r["threat"] == "linf:16/255" for r in recs)
-
-    class Cheater(PGDProbe):
-        def run(self, model, x, y, indices, generator):
-            self.threat.check(x, (x + 2 * self.threat.eps).clamp(0, 1))
-
-    with pytest.raises(ThreatModelViolation):
-        Cheater(THREAT).run(model, x, y, None, None)
-
-
 def test_bad_images_rejected(tmp_path, model, test_data):
     bad = test_data.subset(slice(0, 4))
     bad.images = bad.images * 3
     with pytest.raises(DataError, match=r"\[0, 1\]"):
-        run_probes(model, bad, [CleanProbe()], RunDir(tmp_path, CONFIG), quiet=True)
+        run_probes(model, bad, [CleanProbe()], RunDir(tmp_path, CONFIG), RunOptions(quiet=True))
 
 
 def test_seeds_are_stable():

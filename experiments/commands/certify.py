@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from experiments.common import add_command, add_data_args, data_from_args, run_config
+from experiments.execution import EXECUTION_ONLY, add_execution_args
 
 HELP = """examples:
   bastion certify --model runs/gauss/model.safetensors --sigma 0.25 --n0 100 --n 100000 --alpha 0.001 --skip 20
@@ -16,9 +17,6 @@ HELP = """examples:
 
 A killed run resumes when the same command is run again. Logs: OUT/certify-<setting>.tsv
 (idx, label, predict, radius, correct, time), OUT/records.jsonl, OUT/metrics.json, OUT/report.html."""
-
-# options that change how a run executes but not its results (left out of the run's config stamp)
-EXECUTION_ONLY = ("backend", "workers", "threads", "address", "retries", "num_gpus", "out")
 
 
 def register(sub, common) -> None:
@@ -48,15 +46,9 @@ def register(sub, common) -> None:
                    help="largest reported radius (curve and table; sequential stop radius); default 4 x max sigma")
     s.add_argument("--autocast", default="none", choices=["none", "bf16", "fp16"],
                    help="run the base model under CUDA autocast (a different base classifier; still valid)")
-    x = p.add_argument_group("execution (does not change results)")
-    x.add_argument("--backend", default="local", choices=["local", "ray"])
-    x.add_argument("--workers", type=int, default=1, help="local worker processes (default 1: in-process)")
-    x.add_argument("--threads", type=int, default=None, help="torch threads per worker")
-    x.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
-    x.add_argument("--shard-size", type=int, default=100, help="examples per task (default 100)")
-    x.add_argument("--retries", type=int, default=2, help="retries of a failed task (default 2)")
-    x.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per Ray task (fractions allowed)")
-    p.add_argument("--out", default=None, help="run directory (default runs/certify-<first model name>)")
+    add_execution_args(p, shard_size=100)
+    p.add_argument("--out", default=None,
+                   help="run directory (default runs/certify-<first model name>-sigma<sigmas>[-sequential])")
     p.set_defaults(func=run)
 
 
@@ -87,6 +79,14 @@ def settings_from_args(args: argparse.Namespace):
     return settings, cards
 
 
+def default_out_dir(args: argparse.Namespace) -> str:
+    """runs/<task>-<first model>-sigma<s1>_<s2>[-sequential]: runs that differ in what they compute
+    do not collide on the default."""
+    sig = "_".join(f"{float(s):g}" for s in args.sigma)
+    task = "predict" if args.predict else "certify"
+    return f"runs/{task}-{Path(args.model[0]).with_suffix('').name}-sigma{sig}" + ("-sequential" if args.sequential else "")
+
+
 def run(args: argparse.Namespace) -> int:
     from bastion.errors import ConfigError
     from certify.runner import CertifyOptions, run_certification
@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
                           shard_size=args.shard_size, device=args.device)
     if opts.autocast and not str(args.device).startswith("cuda"):
         raise ConfigError("--autocast needs a CUDA device (--device cuda)")
-    out = Path(args.out or f"runs/certify-{Path(args.model[0]).with_suffix('').name}")
+    out = Path(args.out or default_out_dir(args))
     config = run_config(args, drop=EXECUTION_ONLY) | {"model_sha256": [c.get("sha256") for c in cards.values()]}
     doc = run_certification(settings, data, out, opts, config=config, backend=args.backend, workers=args.workers,
                             threads=args.threads, address=args.address, retries=args.retries,

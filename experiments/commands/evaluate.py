@@ -12,6 +12,7 @@ import argparse
 from pathlib import Path
 
 from experiments.common import add_command, add_data_args, data_from_args, run_config
+from experiments.execution import EXECUTION_ONLY, add_execution_args, run_options
 
 HELP = """examples:
   bastion evaluate --model runs/pgd/model.safetensors --eps 0.1,0.2 --out runs/eval-pgd
@@ -45,7 +46,9 @@ def register(sub, common) -> None:
     p.add_argument("--cross-check", type=int, default=0, metavar="N",
                    help="per batch, re-run the strongest white-box attack on N examples a weaker one broke "
                         "(flags gradient masking; default 0)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=256,
+                   help="examples per chunk (default 256; with --seed, determines the records)")
+    add_execution_args(p, shard_size=256)
     p.add_argument("--out", default=None, help="run directory (default runs/eval-<checkpoint name>)")
     p.set_defaults(func=run)
 
@@ -58,17 +61,14 @@ def threats_from_args(args: argparse.Namespace):
 
 def attack_params_from_args(names: list[str], args: argparse.Namespace) -> dict[str, dict]:
     """Per-attack parameters from ``--steps`` and ``--attack-param NAME.KEY=VALUE``."""
-    import dataclasses
-
-    from attacks.base import _REGISTRY
+    from attacks.base import attack_config_fields
     from bastion.errors import ConfigError
     from experiments.config import parse_params
 
     params: dict[str, dict] = {n: {} for n in names}
     if args.steps is not None:
         for n in names:
-            entry = _REGISTRY.get(n)
-            if entry is not None and "steps" in {f.name for f in dataclasses.fields(entry.cls.config_class)}:
+            if "steps" in attack_config_fields(n):
                 params[n]["steps"] = int(args.steps)
     for item in args.attack_param or []:
         head, sep, _ = item.partition("=")
@@ -83,44 +83,33 @@ def attack_params_from_args(names: list[str], args: argparse.Namespace) -> dict[
 
 
 def run(args: argparse.Namespace) -> int:
-    from attacks import AttackProbe, sanity_flags
+    from attacks import AttackProbe
     from bastion.checkpoints import load_checkpoint
     from bastion.errors import ConfigError
-    from bastion.evaluate import CleanProbe, evaluate_model
-    from bastion.records import RunDir
-    from bastion.report import write_report
+    from bastion.evaluate import CleanProbe, evaluate, section_data
 
     names = [a.strip() for a in str(args.attacks).split(",") if a.strip()]
     if not names:
         raise ConfigError("--attacks is empty; give attack names such as pgd,apgd-ce,autoattack")
     params = attack_params_from_args(names, args)
     threats = threats_from_args(args)
+    if not threats:
+        raise ConfigError("--eps is empty; give one or more radii such as 8/255,16/255")
     probes = [CleanProbe()] + [AttackProbe(t, names, attack_params=params, cross_check=args.cross_check)
                                for t in threats]
     model, card = load_checkpoint(args.model, args.device)
     data = data_from_args(args, args.split, dataset=args.dataset or card.get("dataset") or "digits",
                           image_size=card["input_shape"][-1])
     out = Path(args.out or f"runs/eval-{Path(args.model).with_suffix('').name}")
-    config = run_config(args) | {"model_sha256": card.get("sha256")}
-    metrics = evaluate_model(model, data, probes, out, config, batch_size=args.batch_size, seed=args.seed,
-                             quiet=args.quiet, class_names=card.get("class_names"))
-    # sanity flags folded from the per-example records go into the robustness section
-    run_dir = RunDir(out)
-    keep = {int(i) for i in data.indices.tolist()}
-    flags = sanity_flags(r for r in run_dir.records if int(r["index"]) in keep)
-    doc_path = out / "metrics.json"
-    import json
-
-    doc = json.loads(doc_path.read_text())
-    for sec in doc["sections"]:
-        if sec.get("type") == "robustness":
-            sec["data"]["flags"] = flags
-            sec["data"]["attacks"] = [p.describe() for p in probes[1:]]
-    run_dir.write_json("metrics.json", doc)
-    write_report(out)
+    config = run_config(args, drop=EXECUTION_ONLY + ("model",)) | {"model_sha256": card.get("sha256")}
+    # workers load the checkpoint themselves; in this process the loaded model is used
+    spec = model if args.backend == "local" and args.workers <= 1 else str(args.model)
+    doc = evaluate(spec, data, probes, out, config, opts=run_options(args, batch_size=args.batch_size),
+                   class_names=card.get("class_names"), title=Path(args.model).with_suffix("").name)
+    metrics = section_data(doc, "robustness")
     if not args.quiet:
         line = ", ".join(f"{t}: {100 * b['accuracy']:.1f}%" for t, b in metrics["robust"].items())
         print(f"clean {100 * metrics['clean']['accuracy']:.1f}% | robust {line} | report {out / 'report.html'}")
-        for f in flags:
+        for f in metrics["flags"]:
             print(f"warning: {f}")
     return 0
