@@ -5,13 +5,19 @@ batch; `fit` owns everything else: shuffling, optimizer, per-iteration LR schedu
 per-epoch log, checkpoints and resume. Runs are seeded: batch order and the objective's random
 generator for epoch e are derived from (seed, e), so a run resumed from an epoch checkpoint
 finishes with the same weights as an uninterrupted one (on CPU).
+
+Objectives are registered by name with a frozen parameter dataclass (`ObjectiveParams`);
+`create_objective` checks names and values against it. Only ``standard`` lives here: the
+others (``pgd``, ``gaussian``, ``fgsm``, ``aaer``, ...) live in plugin packages that the
+registry imports on first use, found through the ``bastion.objectives`` entry-point group.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -23,9 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from bastion.data import ImageDataset
-from bastion.errors import ConfigError, RunError
+from bastion.errors import BastionError, ConfigError, RunError
 from bastion.records import JsonlLog, _clean, config_digest
-from bastion.threat import ThreatModel
+from bastion.threat import parse_eps
 
 # ---------------------------------------------------------------------------------------------
 # Objectives
@@ -58,6 +64,10 @@ class StepResult:
 
 
 class Objective(Protocol):
+    """A per-batch training loss. Optional attribute ``co_monitor_eps`` (float or None): the
+    L-inf radius at which a catastrophic-overfitting monitor should watch this objective by
+    default (None or absent: not monitored unless asked); see `co_monitor_eps`."""
+
     name: str
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: StepContext) -> StepResult: ...
@@ -65,10 +75,17 @@ class Objective(Protocol):
     def config(self) -> dict[str, Any]: ...
 
 
+def co_monitor_eps(objective: Objective) -> float | None:
+    """The radius at which the CO monitor watches ``objective`` by default, or None."""
+    eps = getattr(objective, "co_monitor_eps", None)
+    return None if eps is None else float(eps)
+
+
 class StandardObjective:
     """Cross-entropy on clean inputs."""
 
     name = "standard"
+    co_monitor_eps = None
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: StepContext) -> StepResult:
         logits = model(x)
@@ -78,71 +95,175 @@ class StandardObjective:
         return {"objective": self.name}
 
 
-def pgd_linf_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel, steps: int,
-                    alpha: float, generator: torch.Generator | None = None, random_start: bool = True) -> torch.Tensor:
-    """Plain PGD on the CE loss (Madry et al.), used inside training. Returns detached x_adv.
+# ---------------------------------------------------------------------------------------------
+# Objective parameters: checked values, one-line errors
+# ---------------------------------------------------------------------------------------------
 
-    Works for linf (signed steps) and l2 (normalized steps). The model's mode is not changed."""
-    x_adv = threat.random_start(x, generator) if random_start else x.clone()
-    for _ in range(steps):
-        x_adv = x_adv.detach().requires_grad_(True)
-        loss = F.cross_entropy(model(x_adv), y)
-        (g,) = torch.autograd.grad(loss, x_adv)
-        if threat.norm == "linf":
-            step = alpha * g.sign()
-        else:
-            step = alpha * g / g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
-        x_adv = threat.project(x, x_adv.detach() + step)
-    return x_adv.detach()
-
-
-class PGDObjective:
-    """Madry et al. PGD adversarial training: CE at a k-step PGD adversary (random start)."""
-
-    name = "pgd"
-
-    def __init__(self, threat: ThreatModel | str, steps: int = 10, alpha: float | None = None,
-                 attack_in_eval_mode: bool = False):
-        self.threat = ThreatModel.parse(threat) if isinstance(threat, str) else threat
-        if steps < 1:
-            raise ConfigError("pgd objective needs steps >= 1")
-        self.steps = steps
-        self.alpha = alpha if alpha is not None else 2.5 * self.threat.eps / steps
-        self.attack_in_eval_mode = attack_in_eval_mode
-
-    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: StepContext) -> StepResult:
-        was_training = model.training
-        if self.attack_in_eval_mode:
-            model.eval()
-        x_adv = pgd_linf_attack(model, x, y, self.threat, self.steps, self.alpha, ctx.generator)
-        model.train(was_training)
-        logits = model(x_adv)
-        return StepResult(F.cross_entropy(logits, y), logits)
-
-    def config(self) -> dict[str, Any]:
-        return {"objective": self.name, "threat": str(self.threat), "steps": self.steps, "alpha": self.alpha}
+def param_float(value: Any, name: str, *, low: float | None = None, high: float | None = None,
+                low_open: bool = False) -> float:
+    """``value`` as a finite float (``"8/255"`` accepted) in [low, high] (``(low, ...`` when
+    ``low_open``), else `ConfigError` naming ``name``."""
+    bad = isinstance(value, bool) or not isinstance(value, (int, float, str))
+    try:
+        v = math.nan if bad else (parse_eps(value) if isinstance(value, str) else float(value))
+    except BastionError:
+        v = math.nan
+    if not math.isfinite(v):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    if low is not None and (v < low or (low_open and v == low)):
+        raise ConfigError(f"{name} must be {'>' if low_open else '>='} {low:g}, got {value!r}")
+    if high is not None and v > high:
+        raise ConfigError(f"{name} must be <= {high:g}, got {value!r}")
+    return v
 
 
-# Objective factories by name; other packages (defenses/, certify/) register theirs here.
-OBJECTIVES: dict[str, Callable[..., Objective]] = {
-    "standard": lambda **kw: StandardObjective(),
-    "pgd": lambda eps="8/255", norm="linf", steps=10, alpha=None, **kw: PGDObjective(
-        ThreatModel(norm, eps), steps, alpha, **kw),
+def param_int(value: Any, name: str, *, low: int | None = None) -> int:
+    """``value`` as an int (integral floats and digit strings accepted) >= low."""
+    v: Any = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        v = value
+    elif isinstance(value, float) and value.is_integer():
+        v = int(value)
+    elif isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+        v = int(value)
+    if v is None:
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    if low is not None and v < low:
+        raise ConfigError(f"{name} must be >= {low}, got {value!r}")
+    return v
+
+
+def param_bool(value: Any, name: str) -> bool:
+    """``value`` as a bool (true/false, yes/no, on/off, 1/0)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    raise ConfigError(f"{name} must be true or false, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ObjectiveParams:
+    """Base of every objective's parameters: a frozen dataclass whose fields are exactly the keys
+    `create_objective` accepts. Subclasses check and coerce values in ``__post_init__`` (with
+    `param_float` / `param_int` / `param_bool` and ``self._set``), raising `ConfigError`."""
+
+    def _set(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+@dataclass(frozen=True)
+class StandardParams(ObjectiveParams):
+    """The standard objective takes no parameters."""
+
+
+@dataclass(frozen=True)
+class _Entry:
+    params: type[ObjectiveParams]
+    build: Callable[[Any], Objective]
+    doc: str
+
+
+_REGISTRY: dict[str, _Entry] = {}
+ENTRY_POINT_GROUP = "bastion.objectives"
+# Used when the package's entry points are not installed (e.g. running from a source tree).
+_FALLBACK_PLUGINS = {
+    "pgd": "defenses.pgd_at", "gaussian": "defenses.gaussian",
+    **{n: "defenses.single_step" for n in ("fgsm", "fgsm_rs", "n_fgsm", "nfgsm", "rs_aaer", "n_aaer", "aaer")},
 }
 
 
-def register_objective(name: str, factory: Callable[..., Objective]) -> None:
-    """Make ``bastion train --objective NAME`` build objectives with ``factory(**params)``."""
-    OBJECTIVES[name] = factory
+def register_objective(name: str, params: type[ObjectiveParams], build: Callable[[Any], Objective],
+                       doc: str = "") -> None:
+    """Register ``name``: `create_objective(name, **kw)` builds ``build(params(**kw))``.
+
+    ``params`` is a frozen `ObjectiveParams` subclass; ``doc`` a one-line description (default:
+    the first line of ``params``' docstring)."""
+    if not (isinstance(params, type) and issubclass(params, ObjectiveParams)):
+        raise ConfigError(f"objective {name!r}: params must be an ObjectiveParams subclass, got {params!r}")
+    old = _REGISTRY.get(name)
+    if old is not None and (old.params is not params):
+        raise ConfigError(f"objective {name!r} is registered twice")
+    _REGISTRY[name] = _Entry(params, build, doc or (params.__doc__ or "").strip().split("\n")[0])
+
+
+def _plugins() -> dict[str, str]:
+    """Objective name -> entry-point value (``module`` or ``module:function``)."""
+    from importlib.metadata import entry_points
+
+    found = {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    return {**_FALLBACK_PLUGINS, **found}
+
+
+def _load_plugin(name: str, target: str) -> None:
+    module, _, attr = target.partition(":")
+    try:
+        mod = importlib.import_module(module.strip())
+        if attr:
+            getattr(mod, attr.strip())()
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"objective {name!r} comes from {target!r}, which cannot be loaded: {exc}") from None
+
+
+def _entry(name: str) -> _Entry:
+    if name not in _REGISTRY:
+        target = _plugins().get(name)
+        if target is not None:
+            _load_plugin(name, target)
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown objective {name!r}; available: {', '.join(list_objectives())}")
+    return _REGISTRY[name]
+
+
+def list_objectives() -> list[str]:
+    """Every objective name, registered or provided by an installed plugin, sorted."""
+    for name, target in sorted(_plugins().items()):
+        if name not in _REGISTRY:
+            try:
+                _load_plugin(name, target)
+            except ConfigError:
+                continue  # a broken plugin does not hide the others; create_objective names the problem
+    return sorted(_REGISTRY)
+
+
+def objective_params(name: str) -> list[tuple[str, Any]]:
+    """The parameters ``name`` accepts, as (field, default) in declaration order."""
+    entry = _entry(name)
+    return [(f.name, f.default if f.default is not dataclasses.MISSING else None)
+            for f in dataclasses.fields(entry.params)]
+
+
+def objective_doc(name: str) -> str:
+    """One line describing objective ``name``."""
+    return _entry(name).doc
 
 
 def create_objective(name: str, **params: Any) -> Objective:
-    if name not in OBJECTIVES:
-        raise ConfigError(f"unknown objective {name!r}; available: {', '.join(sorted(OBJECTIVES))}")
+    """Build a registered objective: ``create_objective("pgd", eps=8/255, steps=10)``.
+
+    Unknown names, parameters the objective does not take and bad values raise a one-line
+    `ConfigError` (listing what is accepted)."""
+    entry = _entry(name)
+    accepted = [f.name for f in dataclasses.fields(entry.params)]
+    unknown = sorted(k for k in params if k not in accepted)
+    if unknown:
+        takes = ", ".join(accepted) if accepted else "no parameters"
+        raise ConfigError(f"objective {name!r} takes no parameter {unknown[0]!r}; it takes: {takes}")
     try:
-        return OBJECTIVES[name](**params)
-    except TypeError as exc:
+        p = entry.params(**params)
+    except BastionError as exc:
+        raise ConfigError(f"objective {name!r}: {exc}") from None
+    except (TypeError, ValueError) as exc:
         raise ConfigError(f"bad parameters for objective {name!r}: {exc}") from None
+    return entry.build(p)
+
+
+register_objective("standard", StandardParams, lambda p: StandardObjective(), "cross-entropy on clean inputs")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,9 +274,11 @@ def create_objective(name: str, **params: Any) -> Objective:
 class TrainConfig:
     """Optimizer and schedule. ``schedule``: constant | cosine | step | cyclic.
 
+    lr: peak learning rate (> 0, finite). momentum: SGD momentum in [0, 1). weight_decay: L2
+    weight decay (>= 0). milestones: step schedule, fractions of training in [0, 1].
     cyclic: per-iteration triangle 0 -> lr -> 0 peaking at ``cyclic_peak`` of training, with
     momentum cycling ``momentum`` -> ``cyclic_base_momentum`` -> ``momentum`` when
-    ``cycle_momentum`` (as torch's CyclicLR default)."""
+    ``cycle_momentum`` (as torch's CyclicLR default). Bad values raise a one-line `ConfigError`."""
 
     epochs: int = 10
     batch_size: int = 128
@@ -174,17 +297,27 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.optimizer not in ("sgd", "adam"):
-            raise ConfigError(f"unknown optimizer {self.optimizer!r}: use sgd or adam")
-        if self.schedule not in ("constant", "cosine", "step", "cyclic"):
-            raise ConfigError(f"unknown schedule {self.schedule!r}: use constant, cosine, step or cyclic")
-        if self.augment not in ("none", "crop_flip", "flip"):
-            raise ConfigError(f"unknown augment {self.augment!r}: use none, crop_flip or flip")
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ConfigError("epochs, batch_size and lr must be positive")
-        if not 0 < self.cyclic_peak <= 1:
-            raise ConfigError(f"cyclic_peak must be in (0, 1], got {self.cyclic_peak!r}")
-        self.milestones = tuple(float(m) for m in self.milestones)
+        for key, choices in (("optimizer", ("sgd", "adam")), ("schedule", ("constant", "cosine", "step", "cyclic")),
+                             ("augment", ("none", "crop_flip", "flip"))):
+            if getattr(self, key) not in choices:
+                raise ConfigError(f"unknown {key} {getattr(self, key)!r}: use {', '.join(choices)}")
+        self.epochs = param_int(self.epochs, "epochs", low=1)
+        self.batch_size = param_int(self.batch_size, "batch_size", low=1)
+        self.seed = param_int(self.seed, "seed", low=0)
+        self.lr = param_float(self.lr, "lr", low=0, low_open=True)
+        self.weight_decay = param_float(self.weight_decay, "weight_decay", low=0)
+        self.gamma = param_float(self.gamma, "gamma", low=0, low_open=True)
+        self.cyclic_peak = param_float(self.cyclic_peak, "cyclic_peak", low=0, high=1, low_open=True)
+        for key in ("momentum", "cyclic_base_momentum"):
+            v = param_float(getattr(self, key), key, low=0)
+            if v >= 1:
+                raise ConfigError(f"{key} must be in [0, 1), got {getattr(self, key)!r}")
+            setattr(self, key, v)
+        self.nesterov = param_bool(self.nesterov, "nesterov")
+        self.cycle_momentum = param_bool(self.cycle_momentum, "cycle_momentum")
+        if isinstance(self.milestones, (str, bytes)) or not isinstance(self.milestones, Sequence):
+            raise ConfigError(f"milestones must be a list of fractions of training, got {self.milestones!r}")
+        self.milestones = tuple(param_float(m, "milestones", low=0, high=1) for m in self.milestones)
 
 
 def lr_factor(cfg: TrainConfig, iteration: int, total: int) -> tuple[float, float | None]:
@@ -237,10 +370,21 @@ class StopTraining(Exception):
     """Raised by a callback to stop early (e.g. on catastrophic overfitting)."""
 
 
+class TrainingDiverged(ConfigError):
+    """The loss or the weights became NaN/inf (learning rate too high, bad data...). Training
+    stopped; the last committed checkpoint (if any) is kept. A `ConfigError` subclass: the usual
+    cause is the learning rate."""
+
+
 class Callback:
     """Hooks into `fit`. ``on_batch_end`` may return extra floats to log for that iteration
     (written to ``batches.jsonl`` when fit's ``log_batches`` is on); ``on_epoch_end`` may return
-    metrics merged into the epoch record. Raise `StopTraining` to stop after this epoch."""
+    metrics merged into the epoch record. Raise `StopTraining` to stop after this epoch.
+
+    ``progress_keys``: keys of the epoch record this callback wants shown on fit's per-epoch
+    progress line (after ``train_loss`` and ``train_acc``)."""
+
+    progress_keys: tuple[str, ...] = ()
 
     def on_batch_end(self, model: nn.Module, ctx: StepContext, stats: dict[str, float]) -> dict | None:
         return None
@@ -263,21 +407,19 @@ _STATE_KEY = "bastion_train_state"
 def _save_train_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, meta: dict[str, Any]) -> None:
     """Atomically write everything a resume needs (weights, optimizer state, epoch, history) as one
     safetensors file: the commit point of an epoch. Nothing is pickled."""
-    from safetensors.torch import save_file
+    from bastion.checkpoints import write_safetensors
 
-    tensors = {f"model.{k}": v.detach().to("cpu").clone().contiguous() for k, v in model.state_dict().items()}
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     osd = opt.state_dict()
     other: dict[str, dict[str, Any]] = {}
     for pid, st in osd["state"].items():
         for k, v in st.items():
             if isinstance(v, torch.Tensor):
-                tensors[f"opt.{pid}.{k}"] = v.detach().to("cpu").clone().contiguous()
+                tensors[f"opt.{pid}.{k}"] = v
             else:
                 other.setdefault(str(pid), {})[k] = v
     meta = {**meta, "param_groups": osd["param_groups"], "opt_other": other}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={_STATE_KEY: json.dumps(meta, sort_keys=True)})
-    os.replace(tmp, path)
+    write_safetensors(path, tensors, {_STATE_KEY: json.dumps(meta, sort_keys=True)})
 
 
 def _load_train_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
@@ -302,11 +444,46 @@ def _load_train_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer) 
     return meta
 
 
+def _base_card(model: nn.Module, data: ImageDataset, cfg: TrainConfig, checkpoint_card: dict[str, Any] | None,
+               arch: str | None, arch_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """The card fit's checkpoints carry: the caller's, else one built from ``arch`` and the data,
+    else an architecture-less card (loads with ``load_checkpoint(path, model=...)``)."""
+    from bastion.checkpoints import make_card
+
+    if checkpoint_card is not None:
+        if arch is not None:
+            raise ConfigError("pass either checkpoint_card or arch to fit, not both (the card names the arch)")
+        return dict(checkpoint_card)
+    if arch is not None:
+        _check_arch(model, arch, data, arch_kwargs or {})
+    return make_card(model, arch, data.num_classes, data.input_shape, arch_kwargs, data.class_names,
+                     dataset=data.name, seed=cfg.seed)
+
+
+def _check_arch(model: nn.Module, arch: str, data: ImageDataset, arch_kwargs: dict[str, Any]) -> None:
+    """Refuse, before training, an ``arch`` whose weights would not fit ``model``."""
+    from bastion.errors import ModelError
+    from bastion.models import create_model
+
+    c, h, _ = data.input_shape
+    try:
+        with torch.device("meta"):  # shapes only: no memory, no init time
+            ref = create_model(arch, data.num_classes, c, h, **arch_kwargs)
+    except ModelError as exc:
+        raise ConfigError(f"fit(arch={arch!r}): {exc}") from None
+    mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    if mine != theirs:
+        diff = sorted(set(mine) ^ set(theirs)) or sorted(k for k in mine if mine[k] != theirs[k])
+        raise ConfigError(f"fit(arch={arch!r}, arch_kwargs={arch_kwargs}) does not describe the model being "
+                          f"trained (first difference: {diff[0]!r}); pass the arguments create_model got")
+
+
 def _export_checkpoint(ckpt_dir: Path, model: nn.Module, cfg: TrainConfig, objective: Objective,
-                       checkpoint_card: dict[str, Any] | None, epoch: int) -> None:
+                       card: dict[str, Any], epoch: int) -> None:
     from bastion.checkpoints import save_checkpoint
 
-    card = dict(checkpoint_card or {})
+    card = dict(card)
     card.setdefault("recipe", {})
     card["recipe"] = {**card["recipe"], "train": asdict(cfg), **objective.config()}
     card["epoch"] = epoch
@@ -330,19 +507,49 @@ def _epoch_generator(seed: int, epoch: int, device: torch.device, salt: int) -> 
     return g
 
 
+def _first_nonfinite(model: nn.Module) -> str | None:
+    """Name of the first parameter or floating buffer holding NaN/inf, or None."""
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
+def _diverged(what: str, epoch: int, b: int | None, last_good: int | None, ckpt_dir: Path | None) -> TrainingDiverged:
+    where = f"epoch {epoch + 1}" + (f", iteration {b + 1}" if b is not None else "")
+    if ckpt_dir is None:
+        kept = "no checkpoint was written"
+    elif last_good is None:
+        kept = "no epoch had finished, so no checkpoint was written"
+    else:
+        kept = f"the last good checkpoint (epoch {last_good + 1}) is kept in {str(ckpt_dir)!r}"
+    return TrainingDiverged(f"training diverged at {where}: {what}; {kept}; lower the learning rate")
+
+
 def fit(model: nn.Module, data: ImageDataset, objective: Objective, cfg: TrainConfig,
         run_dir: str | Path | None = None, callbacks: Sequence[Callback] = (),
         device: str | torch.device | None = None, quiet: bool = False, log_batches: bool = False,
-        checkpoint_card: dict[str, Any] | None = None) -> TrainResult:
-    """Train ``model`` on ``data`` with ``objective``.
+        checkpoint_card: dict[str, Any] | None = None, arch: str | None = None,
+        arch_kwargs: dict[str, Any] | None = None) -> TrainResult:
+    """Train ``model`` on ``data`` (images (N, C, H, W) in [0, 1]) with ``objective``.
 
     With ``run_dir``: after every epoch, commits the training state (weights, optimizer, epoch,
     history) to ``checkpoints/train_state.safetensors``, exports ``checkpoints/last.safetensors``
     + ``last.json`` and appends the epoch record to ``train_log.jsonl``; a restarted run resumes
     from the committed state and ends with the same weights as an uninterrupted one (on CPU).
     Resuming with a different config, objective or data size raises `RunError`; a run stopped by
-    a callback (`StopTraining`) stays stopped. ``checkpoint_card`` is the model card saved
-    alongside (see `bastion.checkpoints.make_card`).
+    a callback (`StopTraining`) stays stopped.
+
+    The exported checkpoint's card is ``checkpoint_card`` (see `bastion.checkpoints.make_card`);
+    without one, fit builds it from the data (classes, input shape, data set, seed) and ``arch`` /
+    ``arch_kwargs`` when given (the arguments ``create_model`` got; checked against the model
+    before training), so `load_checkpoint` rebuilds the model. fit cannot name an architecture
+    by itself: without ``checkpoint_card`` or ``arch`` the card's ``arch`` is null and the
+    checkpoint loads only into a module the caller builds, ``load_checkpoint(path, model=m)``.
+
+    A NaN/inf loss, or NaN/inf weights at the end of an epoch, raise `TrainingDiverged` (naming
+    the epoch and iteration) before anything of that epoch is written. The progress line shows
+    ``train_loss``, ``train_acc`` and the callbacks' ``progress_keys``.
     """
     from tqdm.auto import tqdm
 
@@ -359,7 +566,9 @@ def fit(model: nn.Module, data: ImageDataset, objective: Objective, cfg: TrainCo
     start_epoch = 0
     log = batch_log = None
     ckpt_dir = None
+    card: dict[str, Any] = {}
     if run_dir is not None:
+        card = _base_card(model, data, cfg, checkpoint_card, arch, arch_kwargs)
         run_dir = Path(run_dir)
         ckpt_dir = run_dir / "checkpoints"
         ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -379,7 +588,7 @@ def fit(model: nn.Module, data: ImageDataset, objective: Objective, cfg: TrainCo
             if batch_log is not None:
                 batch_log.rewrite([r for r in batch_log if r.get("epoch", -1) < start_epoch])
             if not _checkpoint_is_current(ckpt_dir, int(meta["epoch"])):
-                _export_checkpoint(ckpt_dir, model, cfg, objective, checkpoint_card, int(meta["epoch"]))
+                _export_checkpoint(ckpt_dir, model, cfg, objective, card, int(meta["epoch"]))
             if meta.get("stopped"):
                 start_epoch = cfg.epochs
             if not quiet:
@@ -388,8 +597,12 @@ def fit(model: nn.Module, data: ImageDataset, objective: Objective, cfg: TrainCo
             log.rewrite([])
             if batch_log is not None:
                 batch_log.rewrite([])
+    shown_keys = ["train_loss", "train_acc"]
+    for cb in callbacks:
+        shown_keys += [k for k in getattr(cb, "progress_keys", ()) if k not in shown_keys]
     x_all, y_all = data.images, data.labels
     stopped = bool(history and history[-1].get("stopped"))
+    last_good = start_epoch - 1 if start_epoch > 0 else None
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         # Global RNG (dropout, objectives without a generator) is re-seeded per epoch so that a
@@ -417,13 +630,13 @@ def fit(model: nn.Module, data: ImageDataset, objective: Objective, cfg: TrainCo
                     group["momentum"] = mom
             ctx = StepContext(epoch, it, iters_per_epoch, total, g_obj)
             res = objective(model, x, y, ctx)
-            if not torch.isfinite(res.loss):
-                raise ConfigError(f"loss became {float(res.loss)} at epoch {epoch + 1}, iteration {b + 1}; "
-                                  f"lower the learning rate")
+            loss_value = float(res.loss.detach())
+            if not math.isfinite(loss_value):
+                raise _diverged(f"loss became {loss_value}", epoch, b, last_good, ckpt_dir)
             opt.zero_grad(set_to_none=True)
             res.loss.backward()
             opt.step()
-            stats = {"loss": float(res.loss.detach()), **res.stats}
+            stats = {"loss": loss_value, **res.stats}
             if res.logits is not None:
                 correct += int((res.logits.detach().argmax(1) == y).sum())
                 seen += len(y)
@@ -435,6 +648,9 @@ def fit(model: nn.Module, data: ImageDataset, objective: Objective, cfg: TrainCo
                 sums[k] = sums.get(k, 0.0) + float(v)
             if batch_log is not None:
                 batch_log.append([{"epoch": epoch, "iteration": it, "lr": cfg.lr * f, **stats}])
+        bad = _first_nonfinite(model)
+        if bad is not None:  # the last step(s) of the epoch broke the weights: commit nothing
+            raise _diverged(f"weight {bad!r} became NaN/inf", epoch, iters_per_epoch - 1, last_good, ckpt_dir)
         lr_end = cfg.lr * lr_factor(cfg, (epoch + 1) * iters_per_epoch - 1, total)[0]
         record: dict[str, Any] = {"epoch": epoch, "lr_end": lr_end}
         record.update({f"train_{k}": v / iters_per_epoch for k, v in sums.items()})
@@ -457,11 +673,12 @@ def fit(model: nn.Module, data: ImageDataset, objective: Objective, cfg: TrainCo
             history[-1] = record
             _save_train_state(ckpt_dir / "train_state.safetensors", model, opt,
                               {"epoch": epoch, "digest": digest, "history": history, "stopped": stopped})
-            _export_checkpoint(ckpt_dir, model, cfg, objective, checkpoint_card, epoch)
+            _export_checkpoint(ckpt_dir, model, cfg, objective, card, epoch)
             log.append([record])  # type: ignore[union-attr]
+        last_good = epoch
         if not quiet:
-            shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in record.items()
-                     if k in ("train_loss", "train_acc", "val_clean", "val_pgd", "val_fgsm", "co")}
+            shown = {k: (round(v, 4) if isinstance(v, float) else v) for k in shown_keys
+                     if (v := record.get(k)) is not None}
             print(f"[{objective.name}] epoch {epoch + 1}/{cfg.epochs} {shown}")
         if stopped:
             break

@@ -21,13 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attacks import create_attack
 from bastion.data import ImageDataset
 from bastion.errors import ConfigError
-from bastion.rng import make_generator, model_device
 from bastion.records import JsonlLog
+from bastion.rng import make_generator, model_device
 from bastion.threat import ThreatModel, parse_eps
-from bastion.train import Callback, StepContext, StopTraining, pgd_linf_attack
-from defenses.single_step import epoch_summary
+from bastion.train import Callback, StepContext, StopTraining
+from defenses.single_step import SingleStepObjective, epoch_summary
 
 CO_DROP = 0.5
 CO_GAP = 0.3
@@ -59,10 +60,19 @@ def _predict_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[t
 
 def evaluate_co(model: nn.Module, data: ImageDataset, eps: float, pgd_steps: int = 20, pgd_alpha: float | None = None,
                 batch_size: int = 500, generator_parts: tuple = (0,)) -> dict[str, float]:
-    """Clean / FGSM / PGD-k accuracy and the FGSM AAE fraction of ``model`` (in eval mode) on ``data``."""
+    """Clean / FGSM / PGD-k accuracy and the FGSM AAE fraction of ``model`` (in eval mode) on ``data``.
+
+    FGSM (zero init, step eps) and PGD-k (step ``pgd_alpha``, default eps/4, one uniform random
+    start from a generator seeded by ``generator_parts`` and the chunk) are the attack layer's
+    native attacks: an example counts as broken when the attack finds an adversarial point
+    anywhere on its path. The AAE fraction uses the training objectives' own FGSM step
+    (`SingleStepObjective.perturb`): examples whose CE the step lowered, over all examples."""
     device = model_device(model)
     threat = ThreatModel("linf", eps)
     alpha = pgd_alpha if pgd_alpha is not None else eps / 4
+    fgsm_attack = create_attack("fgsm", threat)
+    pgd_attack = create_attack("pgd", threat, steps=pgd_steps, step_size=alpha, random_start=True)
+    step = SingleStepObjective(eps, step=1.0, noise=0.0, clip=True, name="co_monitor_fgsm")
     was_training = model.training
     model.eval()
     n = len(data)
@@ -71,19 +81,16 @@ def evaluate_co(model: nn.Module, data: ImageDataset, eps: float, pgd_steps: int
         for c, start in enumerate(range(0, n, batch_size)):
             x = data.images[start:start + batch_size].to(device)
             y = data.labels[start:start + batch_size].to(device)
-            ok, l0 = _predict_loss(model, x, y)
+            ok, _ = _predict_loss(model, x, y)
             clean += int(ok.sum())
             with torch.enable_grad():
-                xg = x.clone().requires_grad_(True)
-                (g,) = torch.autograd.grad(F.cross_entropy(model(xg), y), xg)
-            x_f = threat.project(x, x + eps * g.sign())
-            ok_f, l_f = _predict_loss(model, x_f, y)
-            fgsm += int(ok_f.sum())
+                _, l0, delta = step.perturb(model, x, y, None)
+            _, l_f = _predict_loss(model, x + delta, y)
             aae += int((l_f < l0).sum())
             gen = make_generator(device, *generator_parts, c)
-            with torch.enable_grad():
-                x_p = pgd_linf_attack(model, x, y, threat, pgd_steps, alpha, gen)
-            ok_p, _ = _predict_loss(model, x_p, y)
+            ok_f, _ = _predict_loss(model, fgsm_attack(model, x, y), y)
+            fgsm += int(ok_f.sum())
+            ok_p, _ = _predict_loss(model, pgd_attack(model, x, y, generator=gen), y)
             pgd += int(ok_p.sum())
     finally:
         model.train(was_training)
@@ -95,7 +102,10 @@ class COMonitor(Callback):
 
     co_stop: stop training (after the current epoch) the first time the detector fires.
     run_dir: the run directory of `fit` (needed to resume the detector's history and to write
-    ``monitor.jsonl`` for iteration checks)."""
+    ``monitor.jsonl`` for iteration checks). Attach it to objectives whose ``co_monitor_eps`` is
+    set (`bastion.train.co_monitor_eps`), at that radius."""
+
+    progress_keys = ("val_clean", "val_pgd", "val_fgsm", "co")
 
     def __init__(self, data: ImageDataset, eps: float | str, *, pgd_steps: int = 20, pgd_alpha: float | None = None,
                  every: int = 0, every_examples: int | None = None, co_stop: bool = False, seed: int = 0,

@@ -11,24 +11,34 @@ the step's seeded generator, so training is reproducible and resumable.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bastion.errors import ConfigError
-from bastion.train import StepContext, StepResult, register_objective
+from bastion.train import ObjectiveParams, StepContext, StepResult, param_float, register_objective
+
+
+@dataclass(frozen=True)
+class GaussianParams(ObjectiveParams):
+    """Gaussian augmentation (Cohen et al. 2019): CE on x + N(0, sigma^2) noise in pixel space.
+
+    sigma: noise standard deviation in [0, 1] pixel units (> 0, finite; e.g. 0.25)."""
+
+    sigma: Any = 0.25
+
+    def __post_init__(self) -> None:
+        self._set("sigma", param_float(self.sigma, "sigma (e.g. --sigma 0.25)", low=0, low_open=True))
 
 
 class GaussianAugmentation:
     name = "gaussian"
+    co_monitor_eps = None
 
     def __init__(self, sigma: float = 0.25):
-        sigma = float(sigma)
-        if not sigma > 0:
-            raise ConfigError(f"gaussian objective needs sigma > 0 (e.g. --sigma 0.25), got {sigma}")
-        self.sigma = sigma
+        self.sigma = GaussianParams(sigma).sigma
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: StepContext) -> StepResult:
         noise = torch.randn(x.shape, generator=ctx.generator, device=x.device, dtype=x.dtype)
@@ -39,8 +49,4 @@ class GaussianAugmentation:
         return {"objective": self.name, "sigma": self.sigma}
 
 
-def _factory(sigma: float = 0.25, **_ignored: Any) -> GaussianAugmentation:
-    return GaussianAugmentation(sigma)
-
-
-register_objective("gaussian", _factory)
+register_objective("gaussian", GaussianParams, lambda p: GaussianAugmentation(p.sigma))

@@ -25,15 +25,23 @@ quantity being defined can be recovered (see `epoch_summary`).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bastion.errors import ConfigError
+from bastion.errors import BastionError, ConfigError
 from bastion.threat import ThreatModel, format_eps, parse_eps
-from bastion.train import StepContext, StepResult, register_objective
+from bastion.train import (
+    ObjectiveParams,
+    StepContext,
+    StepResult,
+    param_bool,
+    param_float,
+    register_objective,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Published hyper-parameters (spec sections 4 and 6)
@@ -90,20 +98,11 @@ def preset_lambdas(preset: str, eps: float, variant: str) -> tuple[float, float,
 # ---------------------------------------------------------------------------------------------
 
 def _as_bool(v: Any, name: str) -> bool:
-    if isinstance(v, bool):
-        return v
-    if isinstance(v, (int, float)) and v in (0, 1):
-        return bool(v)
-    if isinstance(v, str) and v.strip().lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-        return v.strip().lower() in ("1", "true", "yes", "on")
-    raise ConfigError(f"{name} must be true or false, got {v!r}")
+    return param_bool(v, name)
 
 
 def _as_float(v: Any, name: str) -> float:
-    try:
-        return parse_eps(v) if isinstance(v, str) and "/" in v else float(v)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be a number, got {v!r}") from None
+    return param_float(v, name)
 
 
 def aae_regularizer(z_eta: torch.Tensor, l_eta: torch.Tensor, z_adv: torch.Tensor, l_adv: torch.Tensor,
@@ -184,6 +183,11 @@ class SingleStepObjective:
         self.warmup_noise = _as_bool(warmup_noise, "warmup_noise")
         self.name = name
 
+    @property
+    def co_monitor_eps(self) -> float:
+        """Single-step training can overfit catastrophically: the CO monitor watches it at eps."""
+        return self.eps
+
     def warmup_factor(self, ctx: StepContext | None) -> float:
         if self.warmup_epochs <= 0 or ctx is None:
             return 1.0
@@ -191,7 +195,9 @@ class SingleStepObjective:
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None,
                 w: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Start point and one step: returns (x+eta, z_eta with graph cut, l_eta detached, delta)."""
+        """Start point and one step. Returns ``(z_eta, l_eta, delta)``: the logits (B, K) and
+        per-example CE (B,) at the start point x+eta (both detached) and the perturbation delta
+        (same shape as x, detached) with x+delta in [0, 1]."""
         eps = self.eps
         if self.noise > 0:
             k = self.noise * eps * (w if self.warmup_noise else 1.0)
@@ -244,10 +250,6 @@ class SingleStepObjective:
 # Factories (registered by name for `bastion train --objective NAME`)
 # ---------------------------------------------------------------------------------------------
 
-# Options the train command may pass to every objective; meaningless here, ignored when unset.
-_IGNORED_IF_UNSET = ("steps", "sigma", "alpha", "threat")
-
-
 def _resolve_eps(eps: Any, threat: Any) -> float:
     if threat is not None:
         t = ThreatModel.parse(str(threat)) if not isinstance(threat, ThreatModel) else threat
@@ -257,73 +259,110 @@ def _resolve_eps(eps: Any, threat: Any) -> float:
             return t.eps
     if eps is None:
         raise ConfigError("single-step objectives need an epsilon: pass --eps 8/255 (or --param eps=...)")
-    return parse_eps(eps)
+    return param_float(eps, "eps", low=0, low_open=True)
 
 
-def _check_extra(name: str, extra: dict[str, Any]) -> None:
-    if str(extra.get("norm", "linf")).lower() not in ("linf", "l_inf", "inf"):
-        raise ConfigError(f"objective {name!r} is L-inf only, got norm {extra['norm']!r}")
-    extra = {k: v for k, v in extra.items() if k != "norm"}
-    bad = {k: v for k, v in extra.items() if not (k in _IGNORED_IF_UNSET and v is None)}
-    if bad:
-        raise ConfigError(f"objective {name!r} takes no parameter(s) {sorted(bad)}; it takes eps, step, noise, "
-                          f"clip, warmup_epochs, warmup_noise (+ variant, preset, lambda1..3, ce_term_grad for AAER)")
+@dataclass(frozen=True)
+class SingleStepParams(ObjectiveParams):
+    """Single-step adversarial training (FGSM family), L-inf only.
+
+    eps: radius in [0, 1] pixel units (``8/255`` accepted; required, or ``threat="linf:8/255"``).
+    step: step multiplier a (alpha = a * eps). noise: start-noise multiplier k. clip: project to
+    the eps-ball. (None: the variant's default.) warmup_epochs: eps warm-up length in epochs.
+    warmup_noise: scale the start noise by the warm-up too. norm: must be linf."""
+
+    eps: Any = None
+    step: Any = None
+    noise: Any = None
+    clip: Any = None
+    warmup_epochs: Any = 0.0
+    warmup_noise: Any = False
+    threat: Any = None
+    norm: Any = "linf"
+
+    def __post_init__(self) -> None:
+        if str(self.norm).lower() not in ("linf", "l_inf", "inf"):
+            raise ConfigError(f"single-step objectives are L-inf only, got norm {self.norm!r}")
+        try:
+            self._set("eps", _resolve_eps(self.eps, self.threat))
+        except BastionError as exc:
+            raise ConfigError(str(exc)) from None
+        if self.step is not None:
+            self._set("step", param_float(self.step, "step", low=0, low_open=True))
+        if self.noise is not None:
+            self._set("noise", param_float(self.noise, "noise", low=0))
+        if self.clip is not None:
+            self._set("clip", param_bool(self.clip, "clip"))
+        self._set("warmup_epochs", param_float(self.warmup_epochs, "warmup_epochs", low=0))
+        self._set("warmup_noise", param_bool(self.warmup_noise, "warmup_noise"))
 
 
-def make_single_step(name: str, variant: str):
+@dataclass(frozen=True)
+class AAERParams(SingleStepParams):
+    """Single-step training with the AAER regularizer (Lin, Yu, Liu 2023).
+
+    variant: rs, n or fgsm (the base method). preset: cifar10, cifar100, svhn, tiny-imagenet,
+    imagenet100 or default (published lambdas at eps). lambda1..3: AAER weights (>= 0; None: from
+    the preset, else the code defaults). ce_term_grad: gradient through the C_A term."""
+
+    variant: Any = None
+    preset: Any = None
+    lambda1: Any = None
+    lambda2: Any = None
+    lambda3: Any = None
+    ce_term_grad: Any = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for key in ("lambda1", "lambda2", "lambda3"):
+            if getattr(self, key) is not None:
+                self._set(key, param_float(getattr(self, key), key, low=0))
+        self._set("ce_term_grad", param_bool(self.ce_term_grad, "ce_term_grad"))
+        if self.preset is not None and not isinstance(self.preset, str):
+            raise ConfigError(f"preset must be a name such as cifar10, got {self.preset!r}")
+
+
+def _single_step(name: str, variant: str):
     k0, a0, clip0 = VARIANTS[variant]
 
-    def factory(eps: Any = None, step: Any = None, noise: Any = None, clip: Any = None, warmup_epochs: Any = 0.0,
-                warmup_noise: Any = False, threat: Any = None, **extra: Any) -> SingleStepObjective:
-        _check_extra(name, extra)
-        return SingleStepObjective(_resolve_eps(eps, threat), a0 if step is None else step,
-                                   k0 if noise is None else noise, clip0 if clip is None else clip,
-                                   warmup_epochs=warmup_epochs, warmup_noise=warmup_noise, name=name)
+    def build(p: SingleStepParams) -> SingleStepObjective:
+        return SingleStepObjective(p.eps, a0 if p.step is None else p.step, k0 if p.noise is None else p.noise,
+                                   clip0 if p.clip is None else p.clip, warmup_epochs=p.warmup_epochs,
+                                   warmup_noise=p.warmup_noise, name=name)
 
-    factory.__doc__ = f"{name}: noise k={k0:g}, step a={a0:g}, clip={clip0} (override with step/noise/clip)."
-    return factory
+    return build, f"{name}: noise k={k0:g}, step a={a0:g}, clip={clip0} (override with step/noise/clip)"
 
 
-def make_aaer(name: str, default_variant: str | None):
-    def factory(eps: Any = None, variant: str | None = None, preset: str | None = None, lambda1: Any = None,
-                lambda2: Any = None, lambda3: Any = None, ce_term_grad: Any = False, step: Any = None,
-                noise: Any = None, clip: Any = None, warmup_epochs: Any = 0.0, warmup_noise: Any = False,
-                threat: Any = None, **extra: Any) -> SingleStepObjective:
-        _check_extra(name, extra)
-        v = (variant or default_variant or "n").lower().replace("-", "").replace("_", "")
+def _aaer(name: str, default_variant: str | None):
+    def build(p: AAERParams) -> SingleStepObjective:
+        v = str(p.variant or default_variant or "n").lower().replace("-", "").replace("_", "")
         v = {"rsaaer": "rs", "naaer": "n", "fgsmrs": "rs", "nfgsm": "n"}.get(v, v)
         if v not in VARIANTS:
-            raise ConfigError(f"unknown AAER variant {variant!r}: use rs, n or fgsm")
-        if default_variant is not None and variant is not None and v != default_variant:
+            raise ConfigError(f"unknown AAER variant {p.variant!r}: use rs, n or fgsm")
+        if default_variant is not None and p.variant is not None and v != default_variant:
             raise ConfigError(f"objective {name!r} is the {default_variant!r} variant; use --objective aaer "
-                              f"--param variant={variant} instead")
-        e = _resolve_eps(eps, threat)
+                              f"--param variant={p.variant} instead")
         k0, a0, clip0 = VARIANTS[v]
-        if preset is not None:
-            l1, l2, l3 = preset_lambdas(str(preset), e, "rs" if v == "fgsm" else v)
+        if p.preset is not None:
+            l1, l2, l3 = preset_lambdas(p.preset, p.eps, "rs" if v == "fgsm" else v)
         else:
             l1, l2, l3 = CODE_DEFAULT
-        return SingleStepObjective(e, a0 if step is None else step, k0 if noise is None else noise,
-                                   clip0 if clip is None else clip, aaer=True,
-                                   lambda1=l1 if lambda1 is None else lambda1,
-                                   lambda2=l2 if lambda2 is None else lambda2,
-                                   lambda3=l3 if lambda3 is None else lambda3, ce_term_grad=ce_term_grad,
-                                   warmup_epochs=warmup_epochs, warmup_noise=warmup_noise, name=name)
+        return SingleStepObjective(p.eps, a0 if p.step is None else p.step, k0 if p.noise is None else p.noise,
+                                   clip0 if p.clip is None else p.clip, aaer=True,
+                                   lambda1=l1 if p.lambda1 is None else p.lambda1,
+                                   lambda2=l2 if p.lambda2 is None else p.lambda2,
+                                   lambda3=l3 if p.lambda3 is None else p.lambda3, ce_term_grad=p.ce_term_grad,
+                                   warmup_epochs=p.warmup_epochs, warmup_noise=p.warmup_noise, name=name)
 
-    factory.__doc__ = (f"{name}: AAER on the {default_variant or 'n (default; variant=rs|n|fgsm)'} variant; "
-                       f"lambdas from preset=cifar10|cifar100|svhn|... at eps, else code defaults {CODE_DEFAULT}.")
-    return factory
+    return build, (f"{name}: AAER on the {default_variant or 'n (default; variant=rs|n|fgsm)'} variant; lambdas "
+                   f"from preset=cifar10|cifar100|svhn|... at eps, else code defaults {CODE_DEFAULT}")
 
 
-OBJECTIVE_NAMES = ("fgsm", "fgsm_rs", "n_fgsm", "nfgsm", "rs_aaer", "n_aaer", "aaer")
-
-register_objective("fgsm", make_single_step("fgsm", "fgsm"))
-register_objective("fgsm_rs", make_single_step("fgsm_rs", "rs"))
-register_objective("n_fgsm", make_single_step("n_fgsm", "n"))
-register_objective("nfgsm", make_single_step("n_fgsm", "n"))
-register_objective("rs_aaer", make_aaer("rs_aaer", "rs"))
-register_objective("n_aaer", make_aaer("n_aaer", "n"))
-register_objective("aaer", make_aaer("aaer", None))
+for _name, _variant in (("fgsm", "fgsm"), ("fgsm_rs", "rs"), ("n_fgsm", "n")):
+    register_objective(_name, SingleStepParams, *_single_step(_name, _variant))
+register_objective("nfgsm", SingleStepParams, *_single_step("n_fgsm", "n"))
+for _name, _variant in (("rs_aaer", "rs"), ("n_aaer", "n"), ("aaer", None)):
+    register_objective(_name, AAERParams, *_aaer(_name, _variant))
 
 
 def epoch_summary(record: dict[str, Any]) -> dict[str, float | None]:

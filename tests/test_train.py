@@ -17,7 +17,6 @@ from bastion.models import create_model
 from bastion.records import JsonlLog
 from bastion.train import (
     Callback,
-    PGDObjective,
     StandardObjective,
     StepResult,
     StopTraining,
@@ -49,7 +48,7 @@ class NoisyObjective:
 CASES = {
     "standard": (lambda: StandardObjective(), "small_cnn",
                  dict(optimizer="sgd", schedule="cyclic", augment="crop_flip"), {"width": 4, "batchnorm": True}),
-    "pgd": (lambda: PGDObjective("linf:8/255", steps=2), "mlp",
+    "pgd": (lambda: create_objective("pgd", eps="8/255", steps=2), "mlp",
             dict(optimizer="adam", lr=0.01, schedule="step"), {"hidden": (16,)}),
     "noisy": (lambda: NoisyObjective(), "mlp", dict(schedule="cosine"), {"hidden": (16,)}),
 }
@@ -214,14 +213,27 @@ def test_lr_schedules():
 
 def test_bad_configs():
     for kw, msg in [({"schedule": "linear"}, "unknown schedule"), ({"optimizer": "rmsprop"}, "unknown optimizer"),
-                    ({"augment": "mixup"}, "unknown augment"), ({"epochs": 0}, "positive"),
-                    ({"cyclic_peak": 0.0}, "cyclic_peak")]:
+                    ({"augment": "mixup"}, "unknown augment"), ({"epochs": 0}, "epochs must be >= 1"),
+                    ({"cyclic_peak": 0.0}, "cyclic_peak"), ({"lr": float("nan")}, "lr must be a finite"),
+                    ({"lr": float("inf")}, "lr must be a finite"), ({"lr": 0}, "lr must be > 0"),
+                    ({"weight_decay": float("nan")}, "weight_decay must be a finite"),
+                    ({"weight_decay": -1e-4}, "weight_decay must be >= 0"), ({"momentum": 1.0}, "momentum must be in"),
+                    ({"momentum": float("inf")}, "momentum must be a finite"),
+                    ({"batch_size": 0}, "batch_size must be >= 1"), ({"batch_size": -1}, "batch_size must be >= 1"),
+                    ({"batch_size": 2.5}, "batch_size must be an integer"), ({"epochs": True}, "epochs must be an int"),
+                    ({"lr": "abc"}, "lr must be a finite"), ({"milestones": (0.5, 2.0)}, "milestones must be <= 1"),
+                    ({"gamma": float("nan")}, "gamma"), ({"nesterov": "maybe"}, "nesterov must be true or false")]:
         with pytest.raises(ConfigError, match=msg):
             TrainConfig(**kw)
     with pytest.raises(ConfigError, match="unknown objective"):
         create_objective("nope")
-    with pytest.raises(ConfigError, match="bad parameters"):
+    with pytest.raises(ConfigError, match="steps must be >= 1"):
         create_objective("pgd", threat="linf:8/255", steps=0)
+    for kw, msg in [({"epochs": 0}, "epochs must be >= 1"), ({"lr": float("nan")}, "lr must be a finite")]:
+        with pytest.raises(ConfigError, match=msg) as err:
+            TrainConfig(**kw)
+        assert "\n" not in str(err.value)
+    assert TrainConfig(epochs=3.0, lr=1, milestones=[0.5]).epochs == 3
 
 
 def test_batch_log_after_mid_epoch_kill(tmp_path, data):
