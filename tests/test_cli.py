@@ -107,6 +107,7 @@ def test_images_outside_unit_range_are_rejected(trained):
         evaluate_model(model, ds, [CleanProbe()], trained / "bad-range", {"x": 1})
 
 
+@pytest.mark.slow
 def test_evaluate_killed_midway_resumes_to_identical_metrics(trained):
     model = str(trained / "std" / "model.safetensors")
     args = ["evaluate", "--quiet", "--model", model, "--eps", "0.05,0.1", "--steps", "60", "--batch-size", "8"]
@@ -123,6 +124,7 @@ def test_evaluate_killed_midway_resumes_to_identical_metrics(trained):
     assert lines(trained / "killed" / "records.jsonl") == total
 
 
+@pytest.mark.slow
 def test_train_killed_midway_resumes_from_last_epoch(tmp_path):
     from safetensors.torch import load_file
 

@@ -6,11 +6,15 @@ Gaussian-trained model certifying more at radius 0.25 than the standard model.""
 
 from __future__ import annotations
 
+import io
 import json
+
+import pytest
 
 from experiments.cli import main
 
 
+@pytest.mark.slow
 def test_quickstart_end_to_end(tmp_path, capsys):
     out = tmp_path / "qs"
     assert main(["quickstart", "--quiet", "--out", str(out)]) == 0
@@ -43,6 +47,7 @@ def test_quickstart_end_to_end(tmp_path, capsys):
     # a rerun reuses everything and ends with the same metrics (timings aside)
     assert main(["quickstart", "--quiet", "--out", str(out)]) == 0
     again = json.loads((out / "metrics.json").read_text())
+    assert again["environment"]["torch"] and capsys.readouterr().err == ""  # --quiet: no bars
     assert again["sections"] == doc["sections"] or _strip_times(again) == _strip_times(doc)
 
 
@@ -51,3 +56,30 @@ def _strip_times(doc: dict) -> str:
     import re
 
     return re.sub(r'"(wall_time_s|epoch_seconds|time_per_example_s|seconds|time)[a-z_]*": [0-9.e+-]+', "", text)
+
+
+def test_sections_are_modules_listed_in_one_place():
+    import importlib
+
+    from experiments.quickstart import SECTIONS, section_names
+
+    assert section_names() == ["robustness", "aaer", "certification"]
+    for _name, module in SECTIONS:
+        assert callable(importlib.import_module(module).run)
+
+
+def test_progress_bars_follow_quiet_tqdm_disable_and_the_terminal(monkeypatch, tmp_path):
+    from experiments.quickstart.context import QuickstartContext
+
+    ctx = QuickstartContext(tmp_path, quiet=True)
+    assert ctx.progress(3, "x").disable and ctx.bars_off
+    ctx.quiet = False
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    assert ctx.progress(3, "x").disable and ctx.bars_off
+    monkeypatch.delenv("TQDM_DISABLE")
+    # stderr is not a terminal under pytest: tqdm's auto-detection turns the bar off, no \r noise
+    monkeypatch.setattr("sys.stderr", io.StringIO())
+    bar = ctx.progress(3, "x")
+    bar.update(3)
+    bar.close()
+    assert bar.disable and "\r" not in __import__("sys").stderr.getvalue()

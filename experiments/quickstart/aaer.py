@@ -11,10 +11,14 @@ from typing import Any
 
 import torch
 
+import defenses.single_step  # noqa: F401  (registers the single-step objectives)
 from bastion.data import resize
 from bastion.models import create_model
 from bastion.report import section
 from bastion.train import TrainConfig, create_objective, fit
+from defenses.co_monitor import COMonitor
+from defenses.training_report import run_summary
+from experiments.quickstart.context import EpochBar, QuickstartContext
 
 QS_AAER_EPS = 0.2
 # (label, objective, params, label of the base run it regularizes)
@@ -26,12 +30,8 @@ QS_AAER_RUNS = (
 )
 
 
-def aaer_section(ctx: Any) -> list[dict[str, Any]]:
-    import defenses.single_step  # noqa: F401  (registers the objectives)
-    import defenses.training_report  # noqa: F401  (registers the renderer)
-    from defenses.co_monitor import COMonitor
-    from defenses.training_report import run_summary
-
+def run(ctx: QuickstartContext) -> list[dict[str, Any]]:
+    """Train the four single-step runs with the CO monitor; per-epoch curves and CO flags."""
     train = ctx.train
     test = ctx.test.subset(slice(0, 200))
     train_x4 = type(train)(train.name, train.split, resize(train.images, 32), train.labels, train.class_names,
@@ -47,7 +47,9 @@ def aaer_section(ctx: Any) -> list[dict[str, Any]]:
         obj = create_objective(objective, eps=QS_AAER_EPS, **params)
         run_dir = ctx.out_dir / "aaer" / label.lower().replace("+", "_")
         mon = COMonitor(test_x4, QS_AAER_EPS, pgd_steps=10, seed=ctx.seed, run_dir=run_dir, quiet=ctx.quiet)
-        res = fit(model, train_x4, obj, cfg, run_dir=run_dir, callbacks=[mon], device=ctx.device, quiet=True)
+        with ctx.progress(cfg.epochs, f"train {label}") as bar:
+            res = fit(model, train_x4, obj, cfg, run_dir=run_dir, callbacks=[mon, EpochBar(bar)], device=ctx.device,
+                      quiet=True)
         s = run_summary(res.history)
         ctx.log(f"  {label:8s} peak PGD-10 {100 * s['peak_pgd']:.1f}% (epoch {s['peak_epoch']}), final PGD-10 "
                 f"{100 * s['final_pgd']:.1f}%, FGSM {100 * s['final_fgsm']:.1f}%, "

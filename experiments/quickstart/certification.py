@@ -6,17 +6,18 @@ from __future__ import annotations
 
 from typing import Any
 
+import defenses.gaussian  # noqa: F401  (registers the "gaussian" objective)
 from bastion.train import TrainConfig
+from certify.analysis import envelope
+from certify.runner import CertifyOptions, Setting, run_certification
+from experiments.quickstart.context import QuickstartContext, train_or_load
 
 QS_SIGMAS = (0.25, 0.5)
 QS_N0, QS_N, QS_ALPHA, QS_EXAMPLES = 100, 1000, 0.001, 100
 
 
-def certification_section(ctx) -> list[dict[str, Any]]:
-    import defenses.gaussian  # noqa: F401  (registers the "gaussian" objective)
-    from certify.runner import CertifyOptions, Setting, run_certification
-    from experiments.quickstart import train_or_load
-
+def run(ctx: QuickstartContext) -> list[dict[str, Any]]:
+    """Train (or reuse) the Gaussian models; certify them and the standard model on test examples."""
     cfg = TrainConfig(epochs=15, batch_size=64, lr=0.05, schedule="cosine", seed=ctx.seed)
     models = {"standard": train_or_load(ctx, "standard", "small_cnn", "standard", cfg)}
     for s in QS_SIGMAS:
@@ -27,13 +28,11 @@ def certification_section(ctx) -> list[dict[str, Any]]:
     data = ctx.test.every(max(1, len(ctx.test) // QS_EXAMPLES), QS_EXAMPLES)
     opts = CertifyOptions(n0=QS_N0, n=QS_N, alpha=QS_ALPHA, batch=1000, seed=ctx.seed, max_radius=1.0,
                           device=str(ctx.device))
-    doc = run_certification(settings, data, ctx.out_dir / "certify", opts, quiet=True, write_reports=True,
+    doc = run_certification(settings, data, ctx.out_dir / "certify", opts, quiet=ctx.bars_off, write_reports=True,
                             title=f"Digits: randomized smoothing (n={QS_N}, alpha={QS_ALPHA}, {len(data)} test "
                                   f"examples; Gaussian-trained vs standard small CNN)")
     sec = doc["sections"][0]
     # the envelope is over the Gaussian-trained models only (the standard model is the baseline)
-    from certify.analysis import envelope
-
     sec["data"]["envelope"] = envelope([s for s in sec["data"]["settings"] if s["name"].startswith("gaussian")])
     for s in sec["data"]["settings"]:
         table = "  ".join(f"r={r:g}: {100 * a:.0f}%" for r, a in zip(s["radii"], s["certified_accuracy"]))
