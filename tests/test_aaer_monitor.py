@@ -150,6 +150,7 @@ def test_cli_train_aaer_with_monitor(tmp_path):
     assert (out / "monitor.jsonl").is_file()
 
 
+@pytest.mark.slow
 def test_sigkilled_cli_run_resumes_to_identical_weights(tmp_path):
     import os
     import signal

@@ -110,6 +110,7 @@ def test_rerun_is_a_noop_and_resume_appends_only_missing(reference, ckpt, data, 
         run_certification(_settings(ckpt), data, out, CertifyOptions(**(OPTS | {"n": 2000})), quiet=True)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_rows_and_metrics(reference, ckpt, data, tmp_path):
     ref_out, ref_doc = reference
     out = tmp_path / "killed"
@@ -140,6 +141,7 @@ def test_killed_run_resumes_to_the_same_rows_and_metrics(reference, ckpt, data, 
     assert _strip(doc) == _strip(ref_doc)
 
 
+@pytest.mark.slow
 def test_two_local_workers_give_the_same_rows(reference, ckpt, data, tmp_path):
     ref_out, ref_doc = reference
     out = tmp_path / "w2"
@@ -150,6 +152,7 @@ def test_two_local_workers_give_the_same_rows(reference, ckpt, data, tmp_path):
     assert not list((out / "parts").glob("*.jsonl"))
 
 
+@pytest.mark.slow
 def test_ray_with_two_cpus_gives_the_same_rows(reference, ckpt, data):
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'bastion-robustness[distributed]')")
     ref_out, _ = reference

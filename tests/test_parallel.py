@@ -33,6 +33,7 @@ def test_inline_runs_in_order_and_reports_each_result():
         run_tasks(tasks.square, [1], workers=0)
 
 
+@pytest.mark.slow
 def test_process_pool_sets_threads_and_retries_crashes_and_exceptions(tmp_path):
     seen = {}
     out = run_tasks(tasks.flaky, [(v, str(tmp_path)) for v in range(2)], workers=2, retries=2,
