@@ -132,3 +132,70 @@ def test_missing_and_bad_cards(tmp_path):
     card_path.write_text(json.dumps({**card, "input_shape": [1, 8]}))
     with pytest.raises(CheckpointError, match="input_shape must be"):
         read_card(tmp_path / "ckpt")
+
+
+_BYTES_SCRIPT = """
+import hashlib, torch
+from bastion.checkpoints import safetensors_bytes
+t = {f"w{i}": torch.arange(6, dtype=torch.float32 if i % 2 else torch.int64).reshape(2, 3) for i in range(6)}
+t["bf"] = torch.ones(3, dtype=torch.bfloat16)
+t["flag"] = torch.tensor([True, False])
+meta = {k: k.upper() for k in ("format", "zeta", "alpha", "bastion_card_version", "mid", "omega")}
+print(hashlib.sha256(safetensors_bytes(t, meta)).hexdigest())
+"""
+
+
+def test_safetensors_bytes_do_not_depend_on_the_process(tmp_path):
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+
+    from bastion.checkpoints import safetensors_bytes, write_safetensors
+
+    digests = set()
+    for seed in ("1", "2", "3"):
+        out = subprocess.run([sys.executable, "-c", _BYTES_SCRIPT], capture_output=True, text=True, timeout=120,
+                             env={"OMP_NUM_THREADS": "1", "PYTHONHASHSEED": seed, "PATH": "/usr/bin:/bin"})
+        assert out.returncode == 0, out.stderr
+        digests.add(out.stdout.strip())
+    assert len(digests) == 1  # 6 metadata keys: the library alone orders them at random per process
+    # the bytes are a valid safetensors file holding the same tensors and metadata
+    t = {"b": torch.rand(2, 3), "a": torch.arange(4), "c": torch.tensor(1.5, dtype=torch.float64)}
+    write_safetensors(tmp_path / "x.safetensors", t, {"z": "1", "a": "2"})
+    assert (tmp_path / "x.safetensors").read_bytes() == safetensors_bytes(t, {"a": "2", "z": "1"})
+    loaded = load_state(tmp_path / "x.safetensors")
+    assert loaded.keys() == t.keys() and all(torch.equal(loaded[k], t[k]) for k in t)
+    with safe_open(str(tmp_path / "x.safetensors"), framework="pt") as f:
+        assert f.metadata() == {"a": "2", "z": "1"}
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_checkpoint_bytes_repeat(tmp_path):
+    m, path = _save(tmp_path, name="one")
+    card = json.loads((tmp_path / "one.json").read_text())
+    card.pop("sha256")
+    save_checkpoint(tmp_path / "two", m, card)
+    assert path.read_bytes() == (tmp_path / "two.safetensors").read_bytes()
+    assert (tmp_path / "one.json").read_bytes() == (tmp_path / "two.json").read_bytes()
+    text = (tmp_path / "two.json").read_text()
+    assert list(json.loads(text)) == sorted(json.loads(text)) and text.endswith("}\n")
+
+
+def test_card_without_arch(tmp_path):
+    m = _model()
+    card = make_card(m, None, 3, (1, 8, 8))
+    assert card["arch"] is None and card["mean"] == pytest.approx([0.1])
+    save_checkpoint(tmp_path / "anon", m, card)
+    assert read_card(tmp_path / "anon")["arch"] is None
+    with pytest.raises(CheckpointError, match="does not record its architecture.*model=create_model"):
+        load_checkpoint(tmp_path / "anon")
+    loaded, _ = load_checkpoint(tmp_path / "anon", model=_model(width=4))
+    x = torch.rand(2, 1, 8, 8)
+    m.eval()
+    assert torch.equal(loaded(x), m(x))
+    with pytest.raises(CheckpointError, match="do not match"):
+        load_checkpoint(tmp_path / "anon", model=_model(width=8))
+    (tmp_path / "anon.json").write_text(json.dumps({**card, "arch": 3}))
+    with pytest.raises(CheckpointError, match="arch must be a string or null"):
+        read_card(tmp_path / "anon")

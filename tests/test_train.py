@@ -262,3 +262,131 @@ def test_batch_log_after_mid_epoch_kill(tmp_path, data):
         full = JsonlLog(tmp_path / "full" / "batches.jsonl").read()
         assert [r["iteration"] for r in rows] == list(range(6))
         assert rows == full
+
+
+def test_progress_line_shows_what_callbacks_declare(data, capsys):
+    class Declares(Callback):
+        progress_keys = ("val_clean",)
+
+        def on_epoch_end(self, model, epoch, record):
+            return {"val_clean": 0.25, "val_pgd": 0.125, "secret": 7.0}
+
+    model = _new_model("mlp", {"hidden": (8,)})
+    fit(model, data, StandardObjective(), TrainConfig(epochs=1, batch_size=50), callbacks=[Declares()])
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[standard] epoch 1/1")]
+    assert len(line) == 1
+    assert "'train_loss'" in line[0] and "'train_acc'" in line[0] and "'val_clean': 0.25" in line[0]
+    assert "val_pgd" not in line[0] and "secret" not in line[0]
+
+
+def test_checkpoints_without_a_card_load(tmp_path, data):
+    cfg = TrainConfig(epochs=1, batch_size=32)
+    # with arch: a full card, load_checkpoint rebuilds the model
+    model = _new_model("mlp", {"hidden": (16,)})
+    res = fit(model, data, StandardObjective(), cfg, run_dir=tmp_path / "a", quiet=True, arch="mlp",
+              arch_kwargs={"hidden": [16]})
+    loaded, card = load_checkpoint(tmp_path / "a" / "checkpoints" / "last")
+    assert card["arch"] == "mlp" and card["num_classes"] == 4 and card["input_shape"] == [1, 8, 8]
+    assert card["class_names"] == data.class_names and card["dataset"] == "synthetic" and card["seed"] == 0
+    x = data.images[:8]
+    assert torch.equal(loaded(x), res.model(x))
+    # an arch that does not describe the model is refused before any training
+    with pytest.raises(ConfigError, match="does not describe the model"):
+        fit(_new_model("mlp", {"hidden": (16,)}), data, StandardObjective(), cfg, run_dir=tmp_path / "b",
+            quiet=True, arch="mlp", arch_kwargs={"hidden": [8]})
+    assert not (tmp_path / "b" / "checkpoints" / "last.json").exists()
+    # without arch: the card says so, load_checkpoint names the way out and loads into a given module
+    res = fit(_new_model("mlp", {"hidden": (16,)}), data, StandardObjective(), cfg, run_dir=tmp_path / "c",
+              quiet=True)
+    with pytest.raises(bastion.checkpoints.CheckpointError, match="does not record its architecture.*model="):
+        load_checkpoint(tmp_path / "c" / "checkpoints" / "last")
+    into = _new_model("mlp", {"hidden": (16,)})
+    loaded, card = load_checkpoint(tmp_path / "c" / "checkpoints" / "last", model=into)
+    assert card["arch"] is None and loaded is into and torch.equal(loaded(x), res.model(x))
+    with pytest.raises(bastion.checkpoints.CheckpointError, match="do not match"):
+        load_checkpoint(tmp_path / "c" / "checkpoints" / "last", model=_new_model("mlp", {"hidden": (8,)}))
+
+
+class NaNAt:
+    """Standard CE that returns a NaN loss at one global iteration."""
+
+    name = "nan_at"
+
+    def __init__(self, at):
+        self.at = at
+
+    def __call__(self, model, x, y, ctx):
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        return StepResult(loss * float("nan") if ctx.iteration == self.at else loss, logits)
+
+    def config(self):
+        return {"objective": self.name, "at": self.at}
+
+
+def _finite_and_equal(path, ref):
+    m, card = load_checkpoint(path)
+    assert all(torch.isfinite(v).all() for v in m.state_dict().values())
+    return card["epoch"] == ref
+
+
+def test_divergence_stops_with_one_line_and_keeps_last_good_checkpoint(tmp_path, data):
+    from bastion.train import TrainingDiverged
+
+    cfg = TrainConfig(epochs=3, batch_size=32)  # 3 iterations per epoch
+    model = _new_model("mlp", {"hidden": (8,)})
+    card = make_card(model, "mlp", 4, (1, 8, 8), arch_kwargs={"hidden": [8]})
+    with pytest.raises(TrainingDiverged, match="at epoch 2, iteration 2: loss became nan; the last good "
+                                               "checkpoint \\(epoch 1\\) is kept") as err:
+        fit(model, data, NaNAt(4), cfg, run_dir=tmp_path / "loss", quiet=True, checkpoint_card=card)
+    assert "\n" not in str(err.value) and isinstance(err.value, ConfigError)
+    assert _finite_and_equal(tmp_path / "loss" / "checkpoints" / "last", 0)
+    assert [r["epoch"] for r in JsonlLog(tmp_path / "loss" / "train_log.jsonl").read()] == [0]
+
+    class BreakWeights(Callback):  # finite losses, NaN weights after the last step of epoch 2
+        def on_batch_end(self, model, ctx, stats):
+            if ctx.iteration == 5:
+                with torch.no_grad():
+                    next(model.parameters())[0, 0] = float("inf")
+
+    model = _new_model("mlp", {"hidden": (8,)})
+    with pytest.raises(TrainingDiverged, match="at epoch 2, iteration 3: weight 'net.*' became NaN/inf; the last "
+                                               "good checkpoint \\(epoch 1\\)"):
+        fit(model, data, StandardObjective(), cfg, run_dir=tmp_path / "w", quiet=True, checkpoint_card=card,
+            callbacks=[BreakWeights()])
+    assert _finite_and_equal(tmp_path / "w" / "checkpoints" / "last", 0)
+    with pytest.raises(TrainingDiverged, match="epoch 1, iteration 1: .*no epoch had finished"):
+        fit(_new_model("mlp", {"hidden": (8,)}), data, NaNAt(0), cfg, run_dir=tmp_path / "first", quiet=True)
+    with pytest.raises(TrainingDiverged, match="no checkpoint was written"):
+        fit(_new_model("mlp", {"hidden": (8,)}), data, NaNAt(0), cfg, quiet=True)
+
+
+_TRAIN_SCRIPT = """
+import sys, torch
+torch.set_num_threads(1)
+from bastion.data import load_dataset
+from bastion.models import create_model
+from bastion.train import TrainConfig, create_objective, fit
+data = load_dataset("synthetic", "train", seed=0, num_examples_total=64)
+torch.manual_seed(0)
+model = create_model("small_cnn", 4, 1, 8, width=4)
+fit(model, data, create_objective(sys.argv[2], **({"eps": 0.1, "steps": 2} if sys.argv[2] == "pgd" else {})),
+    TrainConfig(epochs=2, batch_size=32, seed=3), run_dir=sys.argv[1], quiet=True, arch="small_cnn",
+    arch_kwargs={"width": 4})
+"""
+
+
+@pytest.mark.parametrize("objective", ["standard", "pgd"])
+def test_identical_trainings_in_separate_processes_write_identical_bytes(tmp_path, objective):
+    import subprocess
+    import sys
+
+    for name, hashseed in (("a", "1"), ("b", "2")):
+        out = subprocess.run([sys.executable, "-c", _TRAIN_SCRIPT, str(tmp_path / name), objective],
+                             capture_output=True, text=True, timeout=300,
+                             env={"OMP_NUM_THREADS": "1", "PYTHONHASHSEED": hashseed, "PATH": "/usr/bin:/bin"})
+        assert out.returncode == 0, out.stderr
+    for f in ("last.safetensors", "last.json"):
+        a = (tmp_path / "a" / "checkpoints" / f).read_bytes()
+        assert a == (tmp_path / "b" / "checkpoints" / f).read_bytes(), f
+    load_checkpoint(tmp_path / "a" / "checkpoints" / "last")
