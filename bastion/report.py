@@ -30,6 +30,15 @@ def register_renderer(section_type: str, fn: Renderer) -> None:
     _RENDERERS[section_type] = fn
 
 
+def renderer(section_type: str) -> Renderer | None:
+    """The renderer registered for ``section_type`` (plugins loaded on demand), or None."""
+    if section_type not in _RENDERERS:
+        from bastion.plugins import load_plugins
+
+        load_plugins()
+    return _RENDERERS.get(section_type)
+
+
 def section(section_type: str, title: str, data: dict[str, Any]) -> dict[str, Any]:
     return {"type": section_type, "title": title, "data": data}
 

@@ -43,6 +43,14 @@ class Setting:
     sigma: float
     num_classes: int
 
+    def __post_init__(self) -> None:
+        if isinstance(self.sigma, bool) or not isinstance(self.sigma, (int, float)) or not (
+                math.isfinite(self.sigma) and self.sigma > 0):
+            raise ConfigError(f"sigma must be a finite number > 0, got {self.sigma!r}")
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 2:
+            raise ConfigError(f"setting {self.name!r}: num_classes must be an integer >= 2 (check the model card), "
+                              f"got {self.num_classes!r}")
+
 
 @dataclass
 class CertifyOptions:
@@ -172,9 +180,8 @@ def run_certification(settings: Sequence[Setting], data: ImageDataset, out_dir: 
 
     ``certifiers`` optionally maps a setting name to its certifier (default: `Smooth` on the
     setting's model). Returns the metrics document (also written to ``out_dir/metrics.json``)."""
-    from bastion.evaluate import evaluate
-
     import certify.folds  # noqa: F401  (registers the certify fold and renderer)
+    from bastion.evaluate import evaluate
 
     if not settings:
         raise ConfigError("no settings to certify: give at least one model and sigma")

@@ -11,12 +11,12 @@ EXECUTION_ONLY = ("backend", "workers", "threads", "address", "retries", "num_gp
 
 
 def add_execution_args(p: argparse.ArgumentParser, shard_size: int) -> None:
+    """--backend, --workers, --address, --shard-size, --retries, --num-gpus (``--threads``, torch
+    threads per process, is a common option of every command)."""
     x = p.add_argument_group("execution (does not change results)")
     x.add_argument("--backend", default="local", choices=["local", "ray"],
                    help="local: this process or --workers local processes; ray: Ray tasks (default local)")
     x.add_argument("--workers", type=int, default=1, help="local worker processes (default 1: in-process)")
-    if not any("--threads" in a.option_strings for a in p._actions):
-        x.add_argument("--threads", type=int, default=None, help="torch threads per worker")
     x.add_argument("--address", default=None, help="Ray cluster address, e.g. auto (default: start a local Ray)")
     x.add_argument("--shard-size", type=int, default=shard_size,
                    help=f"examples per task (default {shard_size}; records are the same for any shard size)")

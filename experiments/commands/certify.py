@@ -75,7 +75,7 @@ def settings_from_args(args: argparse.Namespace):
     settings = []
     for m, s in pairs:
         name = f"sigma{s:g}" if len(models) == 1 else f"{stem[m]}-sigma{s:g}"
-        settings.append(Setting(name, m, s, int(cards[m]["num_classes"])))
+        settings.append(Setting(name, m, s, cards[m]["num_classes"]))
     return settings, cards
 
 
@@ -84,7 +84,8 @@ def default_out_dir(args: argparse.Namespace) -> str:
     do not collide on the default."""
     sig = "_".join(f"{float(s):g}" for s in args.sigma)
     task = "predict" if args.predict else "certify"
-    return f"runs/{task}-{Path(args.model[0]).with_suffix('').name}-sigma{sig}" + ("-sequential" if args.sequential else "")
+    mode = "-sequential" if args.sequential else ""
+    return f"runs/{task}-{Path(args.model[0]).with_suffix('').name}-sigma{sig}{mode}"
 
 
 def run(args: argparse.Namespace) -> int:
