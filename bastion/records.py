@@ -15,8 +15,8 @@ import json
 import os
 import re
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, ClassVar
 
 from bastion.errors import RunError
@@ -36,8 +36,6 @@ def to_jsonable(value: Any) -> Any:
         return [to_jsonable(v) for v in value]
     return value
 
-
-_clean = to_jsonable  # the name other modules used before it was public
 
 
 class LineLog:

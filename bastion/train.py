@@ -30,7 +30,7 @@ from torch import nn
 
 from bastion.data import ImageDataset
 from bastion.errors import BastionError, ConfigError, RunError
-from bastion.records import JsonlLog, _clean, config_digest
+from bastion.records import JsonlLog, config_digest, to_jsonable
 from bastion.threat import parse_eps
 
 # ---------------------------------------------------------------------------------------------
@@ -669,7 +669,7 @@ def fit(model: nn.Module, data: ImageDataset, objective: Objective, cfg: TrainCo
         model.train()
         history.append(record)
         if ckpt_dir is not None:
-            record = json.loads(json.dumps(_clean(record), default=str))  # as the log will hold it
+            record = json.loads(json.dumps(to_jsonable(record), default=str))  # as the log will hold it
             history[-1] = record
             _save_train_state(ckpt_dir / "train_state.safetensors", model, opt,
                               {"epoch": epoch, "digest": digest, "history": history, "stopped": stopped})
