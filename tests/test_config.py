@@ -150,3 +150,20 @@ def test_run_config_applies_device_auto_and_cli_common_options(tmp_path):
                    f'out = "{tmp_path / "run"}"\n')
     assert main(["run", str(cfg)]) == 0
     assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+def test_threads_default_and_option(monkeypatch):
+    import torch
+
+    from experiments.common import apply_threads, default_threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert default_threads() == 1
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr("os.getloadavg", lambda: (99.0, 0.0, 0.0))
+    assert default_threads() == 1
+    before = torch.get_num_threads()
+    try:
+        assert apply_threads(2) == 2 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -48,6 +48,14 @@ def test_quickstart_end_to_end(tmp_path, capsys):
     assert main(["quickstart", "--quiet", "--out", str(out)]) == 0
     again = json.loads((out / "metrics.json").read_text())
     assert again["environment"]["torch"] and capsys.readouterr().err == ""  # --quiet: no bars
+
+    # the README's tables come from this document
+    import runpy
+    from pathlib import Path
+
+    tables = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "readme_tables.py"))["readme_block"](doc)
+    assert f"torch {doc['environment']['torch']}" in tables and "| FGSM-RS |" in tables
+    assert f"{100 * std['clean']['accuracy']:.1f}%" in tables
     assert again["sections"] == doc["sections"] or _strip_times(again) == _strip_times(doc)
 
 
