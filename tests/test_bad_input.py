@@ -285,3 +285,13 @@ def test_process_prints_one_line_and_exits_2(argv, tmp_path):
     assert r.returncode == 2, r.stderr
     assert r.stderr.startswith("bastion: error:") and r.stderr.count("\n") == 1, r.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_record_line_without_index_is_one_line(work, capsys):
+    ev = ["evaluate", "--quiet", "--model", str(work / "std" / "model.safetensors"), "--max", "8", "--steps", "1",
+          "--out", str(work / "eval-noindex")]
+    assert main(ev) == 0
+    log = work / "eval-noindex" / "records.jsonl"
+    log.write_text(log.read_text() + '{"probe": "clean", "kind": "robust"}\n')
+    (work / "eval-noindex" / "metrics.json").unlink()
+    one_line_error(capsys, ev, "index")
