@@ -256,10 +256,15 @@ class DetectRecord(BaseRecord):
 @register_record_type
 @dataclass(frozen=True, kw_only=True)
 class ConformalRecord(BaseRecord):
-    """A conformal score vector (``split="calibration"``) or prediction set (``split="test"``)."""
+    """One example's conformal scores: per score name, the K-vector of the unsmoothed base score
+    (``scores``), of the Monte-Carlo smoothed score (``mean``) and its empirical-Bernstein
+    half-width (``bound``), at the clean input and at the attacked input (``adv_*``, absent for
+    holdout examples). ``split``: ``calibration`` / ``test`` (the declared split; folds may
+    re-split those at random) or ``holdout`` (PTT's reference set). ``pred``/``correct``: the
+    smoothed classifier on the clean input; ``adv_pred`` on the attacked one."""
 
     kind: ClassVar[str] = "conformal"
-    scores: tuple[float, ...] = ()
+    scores: tuple[float, ...] | dict[str, Any] = ()
     prediction_set: tuple[int, ...] = ()
     attack: str | None = None
 
@@ -268,6 +273,13 @@ def _upgrade(r: Record) -> Record:
     """Read a schema-1 record (Bastion 0.1.0): certify/predict wrote ``predict`` and ``correct``
     as 0/1; no record had ``split`` or ``schema``."""
     if int(r.get("schema", 1)) >= SCHEMA_VERSION:
+    sigma: float | None = None
+    n_mc: int | None = None
+    mean: dict[str, Any] | None = None
+    bound: dict[str, Any] | None = None
+    adv_mean: dict[str, Any] | None = None
+    adv_bound: dict[str, Any] | None = None
+    adv_pred: int | None = None
         return r
     r = dict(r)
     if "pred" not in r and "predict" in r:
