@@ -267,12 +267,6 @@ class ConformalRecord(BaseRecord):
     scores: tuple[float, ...] | dict[str, Any] = ()
     prediction_set: tuple[int, ...] = ()
     attack: str | None = None
-
-
-def _upgrade(r: Record) -> Record:
-    """Read a schema-1 record (Bastion 0.1.0): certify/predict wrote ``predict`` and ``correct``
-    as 0/1; no record had ``split`` or ``schema``."""
-    if int(r.get("schema", 1)) >= SCHEMA_VERSION:
     sigma: float | None = None
     n_mc: int | None = None
     mean: dict[str, Any] | None = None
@@ -280,6 +274,12 @@ def _upgrade(r: Record) -> Record:
     adv_mean: dict[str, Any] | None = None
     adv_bound: dict[str, Any] | None = None
     adv_pred: int | None = None
+
+
+def _upgrade(r: Record) -> Record:
+    """Read a schema-1 record (Bastion 0.1.0): certify/predict wrote ``predict`` and ``correct``
+    as 0/1; no record had ``split`` or ``schema``."""
+    if int(r.get("schema", 1)) >= SCHEMA_VERSION:
         return r
     r = dict(r)
     if "pred" not in r and "predict" in r:
