@@ -198,7 +198,8 @@ class APS(Score):
 
     def from_probs(self, probs: Tensor, u: Tensor | float | None = None) -> Tensor:
         above, _ = _aps_parts(probs)
-        return above + self._u(probs, u).unsqueeze(-1) * probs
+        # clamp: rounding can put the top rank's cumulative mass a few ulps above 1
+        return (above + self._u(probs, u).unsqueeze(-1) * probs).clamp(0.0, 1.0)
 
 
 class RAPS(APS):
@@ -224,7 +225,7 @@ class RAPS(APS):
     def from_probs(self, probs: Tensor, u: Tensor | float | None = None) -> Tensor:
         above, rank = _aps_parts(probs)
         reg = self.penalty * torch.clamp(rank.to(probs.dtype) + 1 - self.kreg, min=0)
-        s = above + self._u(probs, u).unsqueeze(-1) * probs + reg
+        s = (above + self._u(probs, u).unsqueeze(-1) * probs).clamp(0.0, 1.0) + reg
         if self.scaled:
             s = s / (1.0 + self.penalty * max(0, probs.shape[-1] - self.kreg))
         return s
