@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from bastion.errors import BastionError, ConfigError
-from bastion.threat import ThreatModel
 from bastion.rng import child_generator, forked_rng, model_device  # noqa: F401  (re-exported)
+from bastion.threat import ThreatModel
 
 
 class AttackError(BastionError):
@@ -328,6 +328,7 @@ def create_attack(name: str, threat: ThreatModel | str, **params: Any) -> Attack
     kw = {**entry.defaults, **params}
     try:
         config = entry.cls.config_class(threat=threat, **kw)
-    except TypeError as exc:
-        raise ConfigError(f"bad parameters for attack {name!r}: {exc}") from None
+    except (TypeError, ValueError) as exc:  # e.g. steps="abc" from a command line
+        raise ConfigError(f"bad parameters for attack {name!r} ({', '.join(f'{k}={v!r}' for k, v in params.items())})"
+                          f": {exc}") from None
     return entry.cls(config, name=name)

@@ -38,6 +38,7 @@ from torch import nn
 from bastion.data import ImageDataset, check_images
 from bastion.errors import ConfigError
 from bastion.parallel import run_tasks
+from bastion.progress import progress
 from bastion.records import JsonlLog, Record, RecordLog, RunDir, record_key
 from bastion.rng import make_generator
 
@@ -205,8 +206,6 @@ def run_probes(model: Any, data: ImageDataset, probes: Sequence[Any], run: RunDi
 
     Holds the run directory's lock while it works. Returns the log's records of ``data``'s
     examples, one per (index, probe)."""
-    from tqdm.auto import tqdm
-
     opts = opts or RunOptions()
     check_images(data.images, f"{data.name} images")
     names = [p.name for p in probes]
@@ -232,8 +231,8 @@ def run_probes(model: Any, data: ImageDataset, probes: Sequence[Any], run: RunDi
                     data.images[pos].contiguous(), data.labels[pos].contiguous(), data.indices[pos].contiguous(),
                     positions.start, skip,
                     str(parts / f"{_safe(probe.name)}-{k:05d}.jsonl") if use_parts else None))
-        bar = tqdm(total=todo, desc=f"{len(probes)} probe(s) on {len(data)} {data.name} examples",
-                   unit="ex", disable=True if opts.quiet or todo == 0 else None, leave=False)
+        bar = progress(total=todo, desc=f"{len(probes)} probe(s) on {len(data)} {data.name} examples", unit="ex",
+                       quiet=opts.quiet or todo == 0)
 
         def accept(recs: list[Record]) -> None:
             bar.update(len(_append_fresh(log, recs, done)))

@@ -35,7 +35,9 @@ def parse_eps(text: str | float | int) -> float:
                 value = float(Fraction(num) / Fraction(den)) if "." not in s else float(num) / float(den)
             else:
                 value = float(s)
-        except (ValueError, ZeroDivisionError) as exc:
+        except ZeroDivisionError:
+            raise ThreatModelError(f"cannot parse epsilon {text!r}: the denominator is zero") from None
+        except ValueError as exc:
             raise ThreatModelError(f"cannot parse epsilon {text!r}: {exc}") from None
     if not math.isfinite(value) or value < 0:
         raise ThreatModelError(f"epsilon must be a finite number >= 0, got {text!r}")

@@ -551,7 +551,7 @@ def fit(model: nn.Module, data: ImageDataset, objective: Objective, cfg: TrainCo
     the epoch and iteration) before anything of that epoch is written. The progress line shows
     ``train_loss``, ``train_acc`` and the callbacks' ``progress_keys``.
     """
-    from tqdm.auto import tqdm
+    from bastion.progress import progress
 
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device)
@@ -615,8 +615,7 @@ def fit(model: nn.Module, data: ImageDataset, objective: Objective, cfg: TrainCo
         g_aug = _epoch_generator(cfg.seed, epoch, device, salt=2)
         sums: dict[str, float] = {}
         correct = seen = 0
-        bar = tqdm(range(iters_per_epoch), desc=f"{objective.name} epoch {epoch + 1}/{cfg.epochs}",
-                   disable=quiet, leave=False)
+        bar = progress(range(iters_per_epoch), desc=f"{objective.name} epoch {epoch + 1}/{cfg.epochs}", quiet=quiet)
         for b in bar:
             idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
             x = x_all[idx].to(device, non_blocking=True)

@@ -2,8 +2,7 @@
 traceback, no run directory left behind, nothing already computed lost.
 
 Most cases call `experiments.cli.main` in-process (fast); a few run ``bastion`` as a process to
-check what a user sees. Cases that need a change in a command module owned by someone else are
-``xfail(strict=True)`` with the reason naming what to change."""
+check what a user sees."""
 
 from __future__ import annotations
 
@@ -21,13 +20,6 @@ import pytest
 from experiments.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-LEAD = "lead: experiments/commands/{} must validate this before any work (see report)"
-
-
-def lead(cmd: str, what: str):
-    return pytest.mark.xfail(reason=LEAD.format(cmd) + f": {what}", strict=True)
-
-
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
     """A folder with a small trained digits model (``model.safetensors``) and helper files."""
@@ -147,26 +139,9 @@ CASES = [
     ("quickstart-out-file", ["quickstart", "--quiet", "--out", "{work}/a_file"], ["a_file"]),
     ("no-such-option", ["train", "--epochz", "3"], ["--epochz"]),
 ]
-XFAIL_LEAD = {
-    "eval-attack-param-abc": ("evaluate.py", "convert --attack-param values to the attack config's field types "
-                                             "(ConfigError naming the key), not int('abc') deep in the attack"),
-    "eval-image-size-16": ("evaluate.py", "call common.check_data_fits(data, card, model) before running"),
-    "eval-rgb-for-gray": ("evaluate.py", "call common.check_data_fits(data, card, model) before running"),
-    "eval-short-class-names": ("evaluate.py", "call common.check_data_fits(data, card, model) before running"),
-    "cert-image-size-16": ("certify.py", "call common.check_data_fits(data, card, model) per model"),
-}
-# not the lead's: the message comes from bastion.threat.parse_eps ("Fraction(1, 0)")
-XFAIL_OTHER = {
-    "eval-eps-div0": "bastion/threat.py: parse_eps('8/0') should say 'the denominator is zero' in words",
-}
-
-
 def _params():
     for cid, argv, words in CASES:
-        marks = [lead(*XFAIL_LEAD[cid])] if cid in XFAIL_LEAD else []
-        if cid in XFAIL_OTHER:
-            marks.append(pytest.mark.xfail(reason=XFAIL_OTHER[cid], strict=True))
-        yield pytest.param(cid, argv, words, marks=marks, id=cid)
+        yield pytest.param(cid, argv, words, id=cid)
 
 
 @pytest.mark.parametrize("cid,argv,words", list(_params()))

@@ -21,9 +21,6 @@ def test_model_label_names_the_run_not_the_file():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="lead: experiments/commands/certify.py default_out_dir must name the model with "
-                          "common.model_label (today every runs/X/model.safetensors is 'model', so two models "
-                          "certified at one sigma collide)", strict=True)
 def test_readme_walkthrough_runs_in_order(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
                BASTION=f"{sys.executable} -m experiments")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from experiments.common import add_command, add_data_args, data_from_args, run_config
+from experiments.common import add_command, add_data_args, check_data_fits, data_from_args, model_label, run_config
 from experiments.execution import EXECUTION_ONLY, add_execution_args
 
 HELP = """examples:
@@ -85,7 +85,7 @@ def default_out_dir(args: argparse.Namespace) -> str:
     sig = "_".join(f"{float(s):g}" for s in args.sigma)
     task = "predict" if args.predict else "certify"
     mode = "-sequential" if args.sequential else ""
-    return f"runs/{task}-{Path(args.model[0]).with_suffix('').name}-sigma{sig}{mode}"
+    return f"runs/{task}-{model_label(args.model[0])}-sigma{sig}{mode}"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -99,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"the models take different input shapes {sorted(shapes)}; certify them separately")
     data = data_from_args(args, args.split, dataset=args.dataset or first.get("dataset") or "digits",
                           image_size=first["input_shape"][-1])
+    for m, card in cards.items():
+        check_data_fits(data, card, f"model {m!r}")
     opts = CertifyOptions(n0=args.n0, n=args.n, alpha=args.alpha, batch=args.batch, seed=args.seed,
                           task="predict" if args.predict else "certify", sequential=args.sequential,
                           seq_start=args.seq_start, max_radius=args.max_radius,

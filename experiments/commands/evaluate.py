@@ -11,7 +11,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from experiments.common import add_command, add_data_args, data_from_args, run_config
+from experiments.common import (
+    add_command,
+    add_data_args,
+    attacks_help,
+    check_data_fits,
+    data_from_args,
+    eps_text,
+    model_label,
+    nonnegative_int,
+    positive_int,
+    run_config,
+)
 from experiments.execution import EXECUTION_ONLY, add_execution_args, run_options
 
 HELP = """examples:
@@ -21,9 +32,7 @@ HELP = """examples:
       --attack-param autoattack.attacks=apgd-t+square --attack-param apgd-ce.restarts=2
   bastion evaluate --model M --attacks pgd,eot-pgd --attack-param eot-pgd.eot_iter=20   # randomized model
   bastion evaluate --model M --dataset cifar10 --data-root ~/data --eps 8/255 --steps 20 --max 1000
-
-attacks: fgsm, pgd, pgd-margin, pgd-dlr, apgd-ce, apgd-dlr, apgd-t, eot-pgd, eot-apgd, eot-apgd-dlr,
-smoothadv, autoattack, autoattack-rand, autoattack-plus, torchattacks:<Name> (torchattacks extra)"""
+  bastion evaluate --model M --eps 8/255 --workers 2          # or --backend ray --address auto"""
 
 
 def register(sub, common) -> None:
@@ -35,21 +44,22 @@ def register(sub, common) -> None:
     add_data_args(p, default=None)
     p.add_argument("--split", default="test", choices=["train", "test"])
     p.add_argument("--norm", default="linf", choices=["linf", "l2"])
-    p.add_argument("--eps", default="8/255", help="comma-separated radii, e.g. 8/255,16/255")
+    p.add_argument("--eps", default="8/255", type=eps_text, help="comma-separated radii, e.g. 8/255,16/255")
     p.add_argument("--attacks", default="pgd",
-                   help="comma-separated attacks run in this order, each on the examples still robust "
-                        "(default pgd), e.g. pgd,apgd-ce,autoattack")
-    p.add_argument("--steps", type=int, default=None,
+                   help=attacks_help("comma-separated attacks run in this order, each on the examples still "
+                                     "robust (default pgd)"))
+    p.add_argument("--steps", type=positive_int, default=None,
                    help="steps of every native attack in --attacks (default: each attack's own)")
     p.add_argument("--attack-param", action="append", default=None, metavar="ATTACK.KEY=VALUE",
                    help="an attack parameter, e.g. apgd-ce.restarts=2 or autoattack.version=rand (repeatable)")
-    p.add_argument("--cross-check", type=int, default=0, metavar="N",
+    p.add_argument("--cross-check", type=nonnegative_int, default=0, metavar="N",
                    help="per batch, re-run the strongest white-box attack on N examples a weaker one broke "
                         "(flags gradient masking; default 0)")
-    p.add_argument("--batch-size", type=int, default=256,
+    p.add_argument("--batch-size", type=positive_int, default=256,
                    help="examples per chunk (default 256; with --seed, determines the records)")
     add_execution_args(p, shard_size=256)
-    p.add_argument("--out", default=None, help="run directory (default runs/eval-<checkpoint name>)")
+    p.add_argument("--out", default=None,
+                   help="run directory (default runs/eval-<checkpoint name, or its folder's for model.safetensors>)")
     p.set_defaults(func=run)
 
 
@@ -100,12 +110,13 @@ def run(args: argparse.Namespace) -> int:
     model, card = load_checkpoint(args.model, args.device)
     data = data_from_args(args, args.split, dataset=args.dataset or card.get("dataset") or "digits",
                           image_size=card["input_shape"][-1])
-    out = Path(args.out or f"runs/eval-{Path(args.model).with_suffix('').name}")
+    check_data_fits(data, card, f"model {args.model!r}")
+    out = Path(args.out or f"runs/eval-{model_label(args.model)}")
     config = run_config(args, drop=EXECUTION_ONLY + ("model",)) | {"model_sha256": card.get("sha256")}
     # workers load the checkpoint themselves; in this process the loaded model is used
     spec = model if args.backend == "local" and args.workers <= 1 else str(args.model)
     doc = evaluate(spec, data, probes, out, config, opts=run_options(args, batch_size=args.batch_size),
-                   class_names=card.get("class_names"), title=Path(args.model).with_suffix("").name)
+                   class_names=card.get("class_names"), title=model_label(args.model))
     metrics = section_data(doc, "robustness")
     if not args.quiet:
         line = ", ".join(f"{t}: {100 * b['accuracy']:.1f}%" for t, b in metrics["robust"].items())

@@ -3,7 +3,6 @@ and `train_or_load` (train a model once, reuse it on reruns)."""
 
 from __future__ import annotations
 
-import os
 import platform
 import sys
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ import torch
 from bastion.checkpoints import load_checkpoint, make_card, save_checkpoint
 from bastion.data import ImageDataset, load_dataset
 from bastion.models import create_model
+from bastion.progress import bars_disabled_by_env, progress
 from bastion.train import Callback, TrainConfig, create_objective, fit
 
 
@@ -42,25 +42,16 @@ class QuickstartContext:
     @property
     def bars_off(self) -> bool:
         """True where progress bars must not show (--quiet, TQDM_DISABLE, stderr not a terminal)."""
-        return self.quiet or _tqdm_disabled_by_env() or not sys.stderr.isatty()
+        return self.quiet or bars_disabled_by_env() or not sys.stderr.isatty()
 
     def progress(self, total: int, desc: str):
-        """One tqdm bar for one stage: off with --quiet or TQDM_DISABLE (read now: tqdm itself reads
-        it once, at import); otherwise ``disable=None`` lets tqdm turn the bar off where stderr is
-        not a terminal, so piped logs get no carriage-return noise."""
-        from tqdm.auto import tqdm
-
-        disable = True if self.quiet or _tqdm_disabled_by_env() else None
-        return tqdm(total=total, desc=desc, leave=False, disable=disable)
+        """One bar for one stage (`bastion.progress.progress`)."""
+        return progress(total=total, desc=desc, quiet=self.quiet)
 
     def environment(self) -> dict[str, Any]:
         """What the figures depend on beyond the seed (stated next to the README's tables)."""
         return {"torch": torch.__version__, "python": platform.python_version(), "device": str(self.device),
                 "threads": torch.get_num_threads()}
-
-
-def _tqdm_disabled_by_env() -> bool:
-    return os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("", "0", "false", "no")
 
 
 class EpochBar(Callback):
