@@ -40,6 +40,7 @@ from bastion.metrics import FLAG_MESSAGES, sanity_flags  # noqa: F401  (re-expor
 from bastion.records import RobustRecord
 from bastion.threat import ThreatModel
 
+
 def _is_gradient_free(attack: Attack, part: str | None = None) -> bool:
     if part is not None:
         return part in getattr(attack, "gradient_free_parts", ())

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from bastion.data import load_dataset
 from attacks import AttackProbe
+from bastion.data import load_dataset
 from bastion.errors import DataError, RunError
 from bastion.evaluate import CleanProbe, derive_seed, evaluate_model, make_generator, run_probes
 from bastion.models import create_model
