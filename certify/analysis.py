@@ -93,6 +93,7 @@ def envelope(settings: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def fold_log(path: str | Path, *, sigma: float | None = None, alpha: float = 0.001,
-             max_radius: float | None = None) -> dict[str, Any]:
-    """Metrics straight from a CERTIFY TSV log (ours or a published one)."""
-    return fold_rows(read_log(path), sigma=sigma, alpha=alpha, max_radius=max_radius)
+             max_radius: float | None = None, radii: Sequence[float] | None = None) -> dict[str, Any]:
+    """Metrics straight from a CERTIFY TSV log (ours or a published one); ``radii`` are the table's
+    radii (default `table_radii(max_radius)`)."""
+    return fold_rows(read_log(path), sigma=sigma, alpha=alpha, max_radius=max_radius, radii=radii)

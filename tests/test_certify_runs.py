@@ -211,3 +211,14 @@ def test_certification_renderer_is_registered():
                                          "abstention_rate": 0.5, "mean_time_s": 0.01}]}})
     assert "abstained" in md and figs == []
 
+
+
+def test_fold_log_reads_a_tsv_at_given_radii(reference):
+    from certify.analysis import fold_log
+
+    out, doc = reference
+    s25 = doc["sections"][0]["data"]["settings"][0]
+    folded = fold_log(out / "certify-sigma0.25.tsv", sigma=0.25, max_radius=s25["curve"]["max_radius"],
+                      radii=[0.0, 0.5])
+    assert folded["radii"] == [0.0, 0.5]
+    assert folded["certified_accuracy"] == [s25["certified_accuracy"][s25["radii"].index(r)] for r in (0.0, 0.5)]
