@@ -28,6 +28,7 @@ from bastion.errors import ConfigError
 from bastion.records import CertifyRecord, PredictRecord, Record, RunDir, parse_record
 from bastion.runner import RunOptions, resolve_model
 from certify.analysis import default_max_radius, table_radii
+from certify.anytime import Anytime
 from certify.logs import CERTIFY_HEADER, PREDICT_HEADER, TsvLog, certify_line, predict_line
 from certify.smoothing import Certificate, Prediction, Sequential, Smooth, chunk_size
 
@@ -66,10 +67,27 @@ class CertifyOptions:
     autocast: str | None = None
     shard_size: int = 100
     device: str = "cpu"
+    anytime: bool = False                # confidence-sequence mode (certify.anytime): n is the cap
+    precision: float | None = None       # anytime: also pin the radius down to this many L2 units
+    bound: str = "cp"                    # exact mode: "cp" (Clopper-Pearson) or "randomized"
+
+    @property
+    def mode(self) -> str:
+        """exact | sequential | anytime (the ``mode`` of the probe description and the report)."""
+        return "anytime" if self.anytime else "sequential" if self.sequential else "exact"
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ConfigError(f"unknown task {self.task!r}: use certify or predict")
+        if self.anytime and self.sequential:
+            raise ConfigError("choose --sequential or --anytime, not both")
+        if self.bound not in ("cp", "randomized"):
+            raise ConfigError(f"unknown bound {self.bound!r}: use cp or randomized")
+        if self.bound == "randomized" and (self.anytime or self.sequential):
+            raise ConfigError("the randomized Clopper-Pearson bound is an option of exact mode only")
+        if self.precision is not None and not (self.anytime and math.isfinite(self.precision)
+                                               and self.precision > 0):
+            raise ConfigError(f"precision must be a finite number > 0 and needs anytime mode, got {self.precision}")
         if self.n0 < 1 or self.n < 1 or self.batch < 1 or self.shard_size < 1:
             raise ConfigError("n0, n, batch and shard_size must be >= 1")
         if not 0 < self.alpha < 1:
@@ -113,8 +131,8 @@ class CertifyProbe:
     def describe(self) -> dict[str, Any]:
         o = self.opts
         return {"kind": o.task, "name": self.name, "sigma": self.setting.sigma, "model": model_name(self.setting.model),
-                "task": o.task, "mode": "sequential" if o.sequential else "exact", "n0": o.n0, "n": o.n,
-                "alpha": o.alpha, "batch": o.batch, "max_radius": self.max_radius, "autocast": o.autocast}
+                "task": o.task, "mode": o.mode, "n0": o.n0, "n": o.n, "alpha": o.alpha, "batch": o.batch,
+                "max_radius": self.max_radius, "autocast": o.autocast, "bound": o.bound, "precision": o.precision}
 
     def bind(self, device: torch.device) -> nn.Module:
         if self.certifier is None:
@@ -136,7 +154,12 @@ class CertifyProbe:
         if o.task == "certify":
             seq = (Sequential(stop_radius=self.max_radius, start=o.seq_start, radii=tuple(table_radii(self.max_radius)))
                    if o.sequential else None)
-            certs = self.certifier.certify_many(x, idx, o.n0, o.n, o.alpha, o.batch, sequential=seq)
+            extra: dict[str, Any] = {}       # only what is asked for: other certifiers need not know the options
+            if o.anytime:
+                extra["anytime"] = Anytime(radii=tuple(table_radii(self.max_radius)), precision=o.precision)
+            if o.bound != "cp":
+                extra["bound"] = o.bound
+            certs = self.certifier.certify_many(x, idx, o.n0, o.n, o.alpha, o.batch, sequential=seq, **extra)
             return [CertifyRecord(index=c.index, probe=self.name, sigma=s.sigma, label=int(t), pred=c.prediction,
                                   correct=c.prediction == int(t), radius=c.radius, p_lower=c.p_lower, c_a=c.c_a,
                                   n_a=c.n_a, n0=c.n0, n=c.n, samples=c.samples, looks=c.looks, stopped=c.stopped,

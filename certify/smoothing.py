@@ -66,9 +66,11 @@ from torch import nn
 
 from bastion.errors import ConfigError, ModelError
 from bastion.rng import derive_seed, model_device
-from certify.stats import ABSTAIN, cp_lower, cp_upper, predict_decision, radius
+from certify.anytime import Anytime, AnytimeRun
+from certify.stats import ABSTAIN, cp_lower, cp_upper, predict_decision, radius, rcp_lower
 
 NOISE_BLOCK = 100
+BOUNDS = ("cp", "randomized")
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -305,22 +307,36 @@ class Smooth:
 
     # --- CERTIFY -----------------------------------------------------------------------------
     def certify(self, x: torch.Tensor, n0: int, n: int, alpha: float, batch: int = 1000,
-                index: int | None = None, sequential: Sequential | None = None) -> tuple[int, float]:
+                index: int | None = None, sequential: Sequential | None = None,
+                anytime: Anytime | None = None, bound: str = "cp") -> tuple[int, float]:
         """Cohen's CERTIFY: ``(class or ABSTAIN, radius)``."""
         key = index if index is not None else self._fresh_key()
-        cert = self.certify_many(self._prepare(x), [key], n0, n, alpha, batch, sequential=sequential)[0]
+        cert = self.certify_many(self._prepare(x), [key], n0, n, alpha, batch, sequential=sequential,
+                                 anytime=anytime, bound=bound)[0]
         return cert.prediction, cert.radius
 
     def certify_many(self, xs: torch.Tensor, indices: Sequence[Any], n0: int, n: int, alpha: float,
-                     batch: int = 1000, sequential: Sequential | None = None) -> list[Certificate]:
+                     batch: int = 1000, sequential: Sequential | None = None, anytime: Anytime | None = None,
+                     bound: str = "cp") -> list[Certificate]:
         """CERTIFY for several examples at once (their noise shares forward passes).
 
-        ``indices`` are the examples' dataset indices (the noise keys)."""
+        ``indices`` are the examples' dataset indices (the noise keys). Exact mode by default;
+        ``sequential`` (doubling looks) or ``anytime`` (confidence sequence, `certify.anytime`)
+        switch mode. ``bound="randomized"`` (exact mode only) uses the randomized Clopper-Pearson
+        bound `certify.stats.rcp_lower` with ``u`` seeded by (run seed, index)."""
         _check_certify_args(n0, n, alpha)
+        if bound not in BOUNDS:
+            raise ConfigError(f"unknown bound {bound!r}: use {' or '.join(BOUNDS)}")
+        if bound != "cp" and (sequential is not None or anytime is not None):
+            raise ConfigError("the randomized Clopper-Pearson bound is an option of exact mode only")
+        if sequential is not None and anytime is not None:
+            raise ConfigError("choose sequential or anytime mode, not both")
         xs = self._prepare(xs)
         m = xs.shape[0]
         if len(indices) != m:
             raise ConfigError(f"{m} examples but {len(indices)} indices")
+        if anytime is not None:
+            return self._certify_anytime(xs, indices, n0, n, alpha, batch, anytime)
         K = self.num_classes
         if sequential is None:
             sizes, alphas = [n], [alpha]
@@ -352,7 +368,10 @@ class Smooth:
                     for slot in active:
                         c_a = int(np.argmax(sel[slot]))           # first maximum: ties -> smallest index
                         n_a = int(est[slot, c_a])
-                        best[slot] = max(best[slot], cp_lower(n_a, nj, aj))
+                        if bound == "randomized":
+                            best[slot] = rcp_lower(n_a, nj, aj, self.rcp_u(indices[slot]))
+                        else:
+                            best[slot] = max(best[slot], cp_lower(n_a, nj, aj))
                         pl = float(best[slot])
                         cert = None
                         if last:
@@ -382,6 +401,57 @@ class Smooth:
             self.base.train(was)
         elapsed = time.perf_counter() - t0
         certs = [done[s] for s in range(m)]
+        tot = sum(c.samples for c in certs)
+        for c in certs:
+            c.time_s = elapsed * c.samples / tot
+        return certs
+
+    def rcp_u(self, key: Any) -> float:
+        """The uniform draw of the randomized Clopper-Pearson bound of example ``key`` (seeded, reproducible,
+        independent of the noise samples)."""
+        return float(np.random.default_rng(derive_seed("bastion.certify.rcp", self.seed, key)).random())
+
+    def _certify_anytime(self, xs: torch.Tensor, indices: Sequence[Any], n0: int, n: int, alpha: float,
+                         batch: int, rule: Anytime) -> list[Certificate]:
+        """Anytime mode (`certify.anytime`): every round, each active example draws up to its next
+        look; stopped examples leave the shared forward batches, so a round costs the samples of the
+        examples still running. The noise blocks are exact mode's, so an example that runs to the
+        cap sees exactly exact mode's counts."""
+        m, K = xs.shape[0], self.num_classes
+        run = AnytimeRun(rule, m, n, alpha, self.sigma, self.block)
+        keys = list(indices)
+        est = np.zeros((m, K), dtype=np.int64)
+        c_a = np.zeros(m, dtype=np.int64)
+        t0 = time.perf_counter()
+        was = self.base.training
+        self.base.eval()
+        try:
+            with torch.inference_mode():
+                first = True
+                while (act := run.active).size:
+                    tg = run.targets()
+                    reqs = []
+                    for slot, end in zip(act.tolist(), tg.tolist()):
+                        if first:
+                            reqs.append(Request(slot, 2 * slot, "select", 0, n0, n0))
+                        reqs.append(Request(slot, 2 * slot + 1, "estimate", int(run.t[slot]), end, n))
+                    c = self.sampler.count(xs, keys, reqs, 2 * m, batch).cpu().numpy()
+                    if first:
+                        c_a = np.argmax(c[0::2], axis=1)            # first maximum: ties -> smallest index
+                        first = False
+                    est += c[1::2]
+                    run.observe(act, est[act, c_a[act]], tg)
+        finally:
+            self.base.train(was)
+        elapsed = time.perf_counter() - t0
+        certs = []
+        for slot in range(m):
+            pl = float(run.lower[slot])
+            pred, rad = (int(c_a[slot]), radius(self.sigma, pl)) if pl >= 0.5 else (ABSTAIN, 0.0)
+            t = int(run.t[slot])
+            certs.append(Certificate(int(_plain(indices[slot])), pred, rad, pl, int(c_a[slot]),
+                                     int(est[slot, c_a[slot]]), n0, t, n0 + t, looks=int(run.look[slot]),
+                                     stopped=str(run.stopped[slot])))
         tot = sum(c.samples for c in certs)
         for c in certs:
             c.time_s = elapsed * c.samples / tot

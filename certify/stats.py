@@ -4,6 +4,7 @@
   ``BetaQuantile(alpha; nA, n - nA + 1)`` (0 when ``nA = 0``). It equals the lower end of the
   two-sided exact interval at level ``1 - 2 alpha`` (not ``1 - alpha``, a frequent bug).
 - `cp_upper`: the matching one-sided upper bound (used only by sequential mode's early abstention).
+- `rcp_lower`: the randomized Clopper-Pearson lower bound (exact mode's ``bound="randomized"``).
 - `radius`: ``sigma * Phi^{-1}(pA_lower)``.
 - `certify_decision`: abstain below 1/2, else (class, radius); ``pA_lower == 0.5`` gives radius 0.
 - `predict_pvalue` / `predict_decision`: PREDICT's exact two-sided binomial test of the top two
@@ -13,6 +14,8 @@
 from __future__ import annotations
 
 import math
+
+import numpy as np
 
 ABSTAIN = -1
 
@@ -39,6 +42,38 @@ def cp_upper(n_a: int, n: int, alpha: float) -> float:
     if n_a == n:
         return 1.0
     return float(beta.ppf(1.0 - alpha, n_a + 1, n - n_a))
+
+
+def rcp_lower(n_a: int, n: int, alpha: float, u: float) -> float:
+    """Randomized (Stevens 1950) one-sided lower confidence bound on p, with ``u ~ Uniform(0, 1)``
+    drawn independently of the samples: the p solving ``P_p(X > n_a) + u P_p(X = n_a) = alpha``.
+
+    Guarantee: ``P(rcp_lower(X, n, alpha, U) > p) <= alpha`` for every p, over X ~ Bin(n, p) and U
+    (with equality except in the clipped case below): the randomized test is exact where the
+    Clopper-Pearson bound is conservative (its coverage is ``>= 1 - alpha``, typically more). It lies
+    between ``cp_lower(n_a)`` and ``cp_lower(n_a + 1)``, so it is never looser than Clopper-Pearson.
+    For ``n_a == n`` the root ``(alpha / u)^{1/n}`` reaches 1 (an infinite radius) when ``u <= alpha``;
+    ``u`` is clipped to ``>= 2 alpha`` there, which only lowers the bound (still valid)."""
+    from scipy.optimize import brentq
+    from scipy.stats import binom
+
+    n_a, n, u = int(n_a), int(n), float(u)
+    if n <= 0 or not 0 <= n_a <= n:
+        raise ValueError(f"need 0 <= n_a <= n and n > 0, got n_a={n_a}, n={n}")
+    if not 0 <= u <= 1:
+        raise ValueError(f"u must be in [0, 1], got {u}")
+    if n_a == n:
+        return math.exp(math.log(alpha / max(u, 2 * alpha)) / n) if u < 1 else cp_lower(n, n, alpha)
+
+    def g(p: float) -> float:
+        return float(binom.sf(n_a, n, p) + u * binom.pmf(n_a, n, p)) - alpha
+
+    lo, hi = cp_lower(n_a, n, alpha), cp_lower(n_a + 1, n, alpha)
+    if g(lo) >= 0:           # the root is at the lower bracket (u = 0, or n_a = 0 with u >= alpha)
+        return lo
+    if g(hi) <= 0:
+        return hi
+    return float(brentq(g, lo, hi, xtol=1e-16, rtol=4 * np.finfo(float).eps, maxiter=200))
 
 
 def radius(sigma: float, p_lower: float) -> float:

@@ -42,6 +42,14 @@ def register(sub, common) -> None:
                    help="stop each example once settled (radius >= --max-radius, or cannot reach 1/2); "
                         "same alpha guarantee, far fewer samples")
     s.add_argument("--seq-start", type=int, default=1000, help="first look of sequential mode (default 1000)")
+    s.add_argument("--anytime", action="store_true",
+                   help="confidence-sequence mode: stop each example once its certificate at every table radius "
+                        "is decided (n is the cap); same alpha guarantee at every sample count")
+    s.add_argument("--precision", type=float, default=None,
+                   help="with --anytime: also pin each radius down to this many L2 units")
+    s.add_argument("--bound", default="cp", choices=["cp", "randomized"],
+                   help="exact mode's lower bound: Clopper-Pearson (default) or randomized Clopper-Pearson "
+                        "(exact coverage 1 - alpha, never looser; seeded per example)")
     s.add_argument("--max-radius", type=float, default=None,
                    help="largest reported radius (curve and table; sequential stop radius); default 4 x max sigma")
     s.add_argument("--autocast", default="none", choices=["none", "bf16", "fp16"],
@@ -103,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
         check_data_fits(data, card, f"model {m!r}")
     opts = CertifyOptions(n0=args.n0, n=args.n, alpha=args.alpha, batch=args.batch, seed=args.seed,
                           task="predict" if args.predict else "certify", sequential=args.sequential,
-                          seq_start=args.seq_start, max_radius=args.max_radius,
+                          seq_start=args.seq_start, max_radius=args.max_radius, anytime=args.anytime,
+                          precision=args.precision, bound=args.bound,
                           autocast=None if args.autocast == "none" else args.autocast,
                           shard_size=args.shard_size, device=args.device)
     if opts.autocast and not str(args.device).startswith("cuda"):
