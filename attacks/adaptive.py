@@ -48,27 +48,44 @@ class DetectorObjective:
     detector: module or callable mapping [0, 1] images to one score per example (higher = more
     suspicious). weight: w in [0, 1]. threshold: an adversary only counts when its score is
     <= threshold (None: the detector is only pushed down, not required to stay quiet).
-    base: the classifier loss (``ce``, ``margin``, ``dlr``)."""
+    base: the classifier loss (``ce``, ``margin``, ``dlr``).
+
+    mode ``sum`` (default): maximise ``(1 - w) * L - w * score``. Mode ``selective`` (Bryniarski et
+    al. 2022, "Evading adversarial example detectors"): an example still classified correctly
+    follows the classifier's margin only; once misclassified it follows ``exp(-(score - threshold))``
+    only (always above the margin regime's values, so the engine's best point prefers fooled
+    points with low scores); ``weight`` is then unused."""
+
+    MODES = ("sum", "selective")
 
     def __init__(self, detector: nn.Module | Callable[[torch.Tensor], torch.Tensor], weight: float = 0.5,
-                 threshold: float | None = None, base: str = "ce"):
+                 threshold: float | None = None, base: str = "ce", mode: str = "sum"):
         if not 0 <= weight <= 1:
             raise ConfigError(f"detector objective weight must be in [0, 1], got {weight}")
+        if mode not in self.MODES:
+            raise ConfigError(f"detector objective mode must be one of {', '.join(self.MODES)}, got {mode!r}")
         self.detector = detector
         self.weight = float(weight)
         self.threshold = threshold
         self.base = base
+        self.mode = mode
         self._fn = loss_function(base)
 
     def __call__(self, model, x, y, target):
         logits = model(x)
         score = _as_scores(self.detector(x), x.shape[0])
-        loss = (1 - self.weight) * self._fn(logits, y, target) - self.weight * score
+        if self.mode == "selective":
+            margin = loss_function("margin")(logits, y, target)  # > 0 iff the goal is met
+            z = score - (self.threshold if self.threshold is not None else 0.0)
+            loss = torch.where(margin.detach() > 0, torch.exp(-z.clamp(min=-20.0)), margin.clamp(max=0.0))
+        else:
+            loss = (1 - self.weight) * self._fn(logits, y, target) - self.weight * score
         valid = None if self.threshold is None else score.detach() <= self.threshold
         return ObjectiveOutput(loss, logits, valid)
 
     def describe(self) -> str:
-        return f"detector(base={self.base}, weight={self.weight}, threshold={self.threshold})"
+        w = "" if self.mode == "selective" else f", weight={self.weight}"
+        return f"detector(base={self.base}{w}, threshold={self.threshold}, mode={self.mode})"
 
 
 class MixingObjective:

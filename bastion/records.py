@@ -251,6 +251,12 @@ class DetectRecord(BaseRecord):
     score: float
     adversarial: bool
     attack: str | None = None
+    detector: str | None = None        # the detector ``score`` belongs to
+    scores: dict[str, float] | None = None  # every detector's score of this input (``score`` among them)
+    threat: str | None = None
+    adaptive: bool = False              # produced by an attack aware of ``target``
+    target: str | None = None           # the detector the adaptive attack fought
+    clean_correct: bool | None = None   # the classifier on the natural input of this example
 
 
 @register_record_type
