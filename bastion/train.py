@@ -175,6 +175,7 @@ ENTRY_POINT_GROUP = "bastion.objectives"
 _FALLBACK_PLUGINS = {
     "pgd": "defenses.pgd_at", "gaussian": "defenses.gaussian",
     **{n: "defenses.single_step" for n in ("fgsm", "fgsm_rs", "n_fgsm", "nfgsm", "rs_aaer", "n_aaer", "aaer")},
+    "rct": "certify.rscp",
 }
 
 

@@ -19,6 +19,7 @@ COMMANDS = [
     "experiments.commands.train",
     "experiments.commands.evaluate",
     "experiments.commands.certify",
+    "experiments.commands.conformal",
     "experiments.commands.run",
     "experiments.commands.report",
     "experiments.commands.quickstart",

@@ -22,6 +22,7 @@ SECTIONS: list[tuple[str, str]] = [
     ("robustness", "experiments.quickstart.robustness"),
     ("aaer", "experiments.quickstart.aaer"),
     ("certification", "experiments.quickstart.certification"),
+    ("conformal", "experiments.quickstart.conformal"),
 ]
 
 
