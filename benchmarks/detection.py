@@ -4,7 +4,8 @@ A. EPS extraction (K levels) of the same N digits with the same noise draws:
    - *reference-style loop*: one image and one level per forward pass;
    - *per-level batches*: a batch of images per forward pass, looping over the K levels (the
      official code's loop);
-   - *Bastion batched*: all K levels of a batch of images in one forward pass (`eps_features`);
+   - *Bastion batched* (`eps_features`): the per-level loop on batches of 256 images (its first
+     version stacked all K levels into one K*B forward pass, which was slower on CPU);
    in images/s, with the largest difference between the three results (same noise: equal up to
    float rounding).
 B. Score-model training (the UNet epsilon-model of the digits recipe): images/s at batch 128 vs one
