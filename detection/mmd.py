@@ -164,7 +164,7 @@ def train_deep_kernel(kernel: DeepKernel, natural: torch.Tensor, adversarial: Se
             opt.zero_grad(set_to_none=True)
             (-j).backward()
             opt.step()
-            js.append(float(j))
+            js.append(float(j.detach()))
         history.append(sum(js) / len(js))
     kernel.eval()
     return history
