@@ -250,3 +250,33 @@ class AnytimeRun:
                 self.stopped[i] = "final"
             elif done[j] or futile[j]:
                 self.stopped[i] = "futile" if futile[j] and L[j] < 0.5 else "settled"
+
+
+@dataclass
+class SimResult:
+    """Outcome of `simulate` for one pA: per seed, estimation samples used and the decisions."""
+
+    p_a: float
+    samples: np.ndarray          # (seeds,) estimation samples used
+    wrong_certified: np.ndarray  # (seeds,) certified at a threshold above pA (the guarantee's failure)
+    wrong_rejected: np.ndarray   # (seeds,) decided "not certified" (U < p_j) at a threshold p_j <= pA
+    certified: np.ndarray        # (seeds, thresholds) certified at each threshold
+
+    @property
+    def wrong(self) -> np.ndarray:
+        return self.wrong_certified | self.wrong_rejected
+
+
+def simulate(rule: Anytime, p_a: float, seeds: int, n: int, alpha: float, sigma: float,
+             rng: np.random.Generator, block: int = 100) -> SimResult:
+    """Anytime mode against a Bernoulli oracle of known ``p_a`` (the class cA fixed), through the very
+    decision code the certifier runs (`AnytimeRun`); the samples between two looks are drawn as one
+    Binomial (the same law as their sum)."""
+    run = AnytimeRun(rule, seeds, n, alpha, sigma, block)
+    while (act := run.active).size:
+        tg = run.targets()
+        run.observe(act, run.s[act] + rng.binomial(tg - run.t[act], p_a), tg)
+    thr = run.thr[None, :]
+    cert = run.lower[:, None] >= thr
+    return SimResult(float(p_a), run.t.copy(), (cert & (thr > p_a)).any(axis=1),
+                     ((run.upper[:, None] < thr) & (thr <= p_a)).any(axis=1), cert)
