@@ -20,6 +20,7 @@ COMMANDS = [
     "experiments.commands.evaluate",
     "experiments.commands.certify",
     "experiments.commands.conformal",
+    "experiments.commands.detect",
     "experiments.commands.run",
     "experiments.commands.report",
     "experiments.commands.quickstart",

@@ -23,6 +23,7 @@ SECTIONS: list[tuple[str, str]] = [
     ("aaer", "experiments.quickstart.aaer"),
     ("certification", "experiments.quickstart.certification"),
     ("conformal", "experiments.quickstart.conformal"),
+    ("detection", "experiments.quickstart.detection"),
 ]
 
 
