@@ -8,6 +8,11 @@ A. Throughput on one base model and the same examples: the *limit* (bare forward
 B. Sequential vs exact mode at n = 100,000 with a report grid up to 2 sigma: samples used and
    certified accuracy at the reported radii.
 C. 1 worker vs 2 local workers (speedup, wall time including worker start-up).
+D. Anytime vs exact mode at n = 100,000 on the quickstart's digits model (Gaussian-augmented
+   ``small_cnn``, sigma 0.25, the report's table radii 0 .. 1.0): samples used, wall time and
+   certified accuracy at every table radius side by side, in the same run. Disagreements at a
+   radius are "allowed" when exact mode's own two-sided (1 - 2 alpha) Clopper-Pearson interval at n
+   contains that radius's threshold (exact mode's answer there is itself a coin flip of the noise).
 A and C run with one torch thread per worker and with torch's default thread count.
 
     python benchmarks/certify.py --out runs/bench-certify            # full (several minutes on 2 cores)
@@ -47,6 +52,18 @@ def train_model(arch: str, kwargs: dict, sigma: float, epochs: int, seed: int = 
     fit(m, train, create_objective("gaussian", sigma=sigma), TrainConfig(epochs=epochs, batch_size=64, lr=0.05,
                                                                         seed=seed), quiet=True)
     return m.eval()
+
+
+def train_quickstart_model(sigma: float, epochs: int, seed: int = 0):
+    """The quickstart's Gaussian-augmented digits model (experiments/quickstart/certification.py)."""
+    import defenses.gaussian  # noqa: F401
+
+    train = load_dataset("digits", "train")
+    torch.manual_seed(seed)
+    m = create_model("small_cnn", 10, 1, 8)
+    res = fit(m, train, create_objective("gaussian", sigma=sigma),
+              TrainConfig(epochs=epochs, batch_size=64, lr=0.05, schedule="cosine", seed=seed), quiet=True)
+    return res.model.eval()
 
 
 # --- A: the three samplers --------------------------------------------------------------------
@@ -166,6 +183,68 @@ def part_b(model, xs, ys, idx, *, n0, n, alpha, batch, sigma, threads):
     return out
 
 
+# --- D: anytime vs exact -----------------------------------------------------------------------
+
+def part_d(model, xs, ys, idx, *, n0, n, alpha, batch, sigma, threads):
+    from certify.analysis import table_radii
+    from certify.anytime import Anytime
+    from certify.logs import format_radius
+    from certify.smoothing import Smooth, chunk_size
+    from certify.stats import cp_upper
+
+    torch.set_num_threads(threads)
+    smooth = Smooth(model, 10, sigma, seed=0)
+    radii = table_radii(4 * sigma)
+    rule = Anytime(radii=tuple(radii))
+    out: dict = {"radii": radii}
+    certs: dict = {}
+    for mode in ("anytime", "exact"):
+        m = chunk_size(n0, n, batch)
+        t0 = time.perf_counter()
+        cs = []
+        for c in range(0, len(xs), m):
+            cs += smooth.certify_many(xs[c:c + m], idx[c:c + m], n0, n, alpha, batch,
+                                      anytime=rule if mode == "anytime" else None)
+        wall = time.perf_counter() - t0
+        rad = np.array([float(format_radius(c.radius)) for c in cs])
+        ok = np.array([c.prediction == y for c, y in zip(cs, ys)])
+        stops: dict[str, int] = {}
+        for c in cs:
+            stops[c.stopped] = stops.get(c.stopped, 0) + 1
+        out[mode] = {"samples_total": int(sum(c.samples for c in cs)), "wall_s": wall,
+                     "certified_accuracy": [float(np.mean(ok & (rad >= r))) for r in radii],
+                     "samples_per_example": [int(c.samples) for c in cs], "stopped": stops}
+        certs[mode] = (cs, ok, rad)
+    (ex, ok_e, rad_e), (_an, ok_a, rad_a) = certs["exact"], certs["anytime"]
+    disagree, allowed = 0, 0
+    for e, oe, oa, re, ra in zip(ex, ok_e, ok_a, rad_e, rad_a):
+        for r in radii:
+            if (oe and re >= r) != (oa and ra >= r):
+                disagree += 1
+                thr = 0.5 if r == 0 else float(norm_cdf(r / sigma))
+                # exact mode's answer is not decisive: its (1 - 2 alpha) interval contains the threshold
+                allowed += int(e.p_lower <= thr <= cp_upper(e.n_a, e.n, alpha))
+    out.update(examples=len(xs), n=n, sample_ratio=out["exact"]["samples_total"] / out["anytime"]["samples_total"],
+               wall_ratio=out["exact"]["wall_s"] / out["anytime"]["wall_s"],
+               max_accuracy_gap_points=max(abs(a - b) * 100 for a, b in zip(out["exact"]["certified_accuracy"],
+                                                                           out["anytime"]["certified_accuracy"])),
+               disagreements=disagree, disagreements_allowed=allowed)
+    print("\n| radius | exact | anytime |\n|---|---|---|")
+    for r, a, b in zip(radii, out["exact"]["certified_accuracy"], out["anytime"]["certified_accuracy"]):
+        print(f"| {r:g} | {100 * a:.1f}% | {100 * b:.1f}% |")
+    print(f"| samples | {out['exact']['samples_total']} | {out['anytime']['samples_total']} "
+          f"({out['sample_ratio']:.2f}x fewer) |")
+    print(f"| wall s | {out['exact']['wall_s']:.1f} | {out['anytime']['wall_s']:.1f} "
+          f"({out['wall_ratio']:.2f}x faster) |")
+    return out
+
+
+def norm_cdf(z: float) -> float:
+    from scipy.stats import norm
+
+    return float(norm.cdf(z))
+
+
 # --- C: workers ---------------------------------------------------------------------------------
 
 def part_c(model, data, tmp: Path, *, n0, n, alpha, batch, sigma, threads):
@@ -195,7 +274,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/bench-certify")
     ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke run)")
-    ap.add_argument("--parts", default="A,B,C")
+    ap.add_argument("--parts", default="A,B,C,D")
+    ap.add_argument("--examples-d", type=int, default=30, help="test examples of part D (default 30)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -236,6 +316,14 @@ def main(argv=None) -> int:
             part_c(cnn, sub, out / "workers", n0=n0, n=n, alpha=alpha, batch=batch, sigma=sigma, threads=t)
             for t in (1, None)]}
         print(json.dumps(results["C"], indent=1), flush=True)
+    if "D" in parts:
+        qs = train_quickstart_model(sigma, 3 if q else 15)
+        sub = test.every(max(1, len(test) // args.examples_d), 4 if q else args.examples_d)
+        results["D"] = {"model": "small_cnn (quickstart: width 32, 15 epochs, Gaussian sigma 0.25)", **part_d(
+            qs, sub.images, sub.labels.tolist(), sub.indices.tolist(), n0=n0, n=10_000 if q else 100_000,
+            alpha=alpha, batch=batch, sigma=sigma, threads=1)}
+        print(json.dumps({k: v for k, v in results["D"].items() if k not in ("exact", "anytime")}, indent=1),
+              flush=True)
     results["total_s"] = time.perf_counter() - t_all
     results["targets"] = checks = targets(results)
     (out / "certify_bench.json").write_text(json.dumps(results, indent=2))
@@ -265,6 +353,14 @@ def targets(results: dict) -> list[tuple[str, bool]]:
         checks.append((f"B: sequential uses {b['sample_ratio']:.2f}x fewer samples (>= 3)", b["sample_ratio"] >= 3))
         checks.append((f"B: largest certified-accuracy gap {b['max_accuracy_gap_points']:.1f} pts (<= 1)",
                        b["max_accuracy_gap_points"] <= 1.0))
+    if "D" in results:
+        d = results["D"]
+        checks.append((f"D: anytime uses {d['sample_ratio']:.2f}x fewer samples than exact (>= 10)",
+                       d["sample_ratio"] >= 10))
+        checks.append((f"D: anytime is {d['wall_ratio']:.2f}x faster in wall time (>= 5)", d["wall_ratio"] >= 5))
+        checks.append((f"D: {d['disagreements']} (example, radius) disagreements with exact, "
+                       f"{d['disagreements_allowed']} within exact mode's own interval (all)",
+                       d["disagreements"] == d["disagreements_allowed"]))
     for r in results.get("C", {}).get("runs", []):
         checks.append((f"C threads={r['threads_per_worker']}: 2 workers give the same rows as 1", r["same_rows"]))
     return checks

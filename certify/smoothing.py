@@ -50,6 +50,25 @@ whenever sequential mode does not abstain, ``pA >= max L_j >= 1/2`` and the radi
 Abstaining early never invalidates anything (it only costs utility). Radii of examples that stop
 early are lower than exact mode's (they are only certified up to at least ``stop_radius``), so
 ACR and accuracy above ``stop_radius`` are not comparable between the modes.
+
+**Anytime mode** (`certify.anytime.Anytime`, opt-in; the guarantee and the stopping rule are
+written out in `certify.anytime`). A Beta-mixture confidence sequence on pA, valid at every sample
+count at once, is looked at after geometrically growing numbers of estimation samples; each
+example stops as soon as its certificate at every requested radius is decided (or cannot change by
+the cap ``n``). Same statement as exact mode at the same alpha. Every round only the examples still
+running send noise through the shared forward batches, so the samples saved are wall time saved;
+the noise blocks are exact mode's, so an example that runs to the cap sees exact mode's counts.
+
+**Randomized Clopper-Pearson** (exact mode, ``bound="randomized"``): `certify.stats.rcp_lower` with
+its uniform draw seeded by (run seed, example index), independent of the noise. Coverage exactly
+``1 - alpha`` over the noise and the draw (Clopper-Pearson's is ``>= 1 - alpha``), never looser than
+Clopper-Pearson; the counts (and so ``n_a``) are exact mode's.
+
+*Exact mode and the plain loop* (benchmarks/certify.py part A). Profiled at n = 10,000 (one
+example per chunk, small_cnn width 16, one thread): the forward pass is > 95% of the time,
+per-block seeding + ``normal_`` about 2% (the plain loop's one ``randn`` per batch costs the same),
+``derive_seed`` ~1 us per block; measured exact/loop 1.00-1.16 here. The noise layout is what makes
+rows independent of batching, so it is kept as is.
 """
 
 from __future__ import annotations
