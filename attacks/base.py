@@ -58,6 +58,12 @@ class AttackConfig:
     seed: seeds the attack's generator when the caller passes none.
     random_start: start from a random point of the ball.   eot_iter: gradient draws averaged per step
     (Expectation over Transformation, for randomized models).
+    batch_size: examples per call of the attack's inner loop (None: the whole batch at once); the
+    batches share one generator, drawn in order, so results depend on it only through memory.
+    project: for attacks whose output may leave the threat model (third-party attacks, minimum-norm
+    attacks): clip such points onto the ball (and re-check them) instead of counting them as not broken.
+    progress: a tqdm bar over batches and sub-attacks of long attacks (off where stderr is not a
+    terminal or TQDM_DISABLE is set).
     """
 
     threat: ThreatModel
@@ -70,6 +76,9 @@ class AttackConfig:
     seed: int = 0
     random_start: bool = True
     eot_iter: int = 1
+    batch_size: int | None = None
+    project: bool = False
+    progress: bool = True
 
     def __post_init__(self) -> None:
         threat = self.threat
@@ -86,9 +95,11 @@ class AttackConfig:
             raise ConfigError(f"attack steps must be >= 1, got {self.steps}")
         if self.step_size is not None and not float(self.step_size) > 0:
             raise ConfigError(f"attack step_size must be > 0, got {self.step_size}")
-        if int(self.restarts) < 1:
+        if self.restarts is not None and int(self.restarts) < 1:
             raise ConfigError(f"attack restarts must be >= 1, got {self.restarts}")
-        if int(self.eot_iter) < 1:
+        if self.batch_size is not None and int(self.batch_size) < 1:
+            raise ConfigError(f"attack batch_size must be >= 1, got {self.batch_size}")
+        if self.eot_iter is not None and int(self.eot_iter) < 1:
             raise ConfigError(f"attack eot_iter must be >= 1, got {self.eot_iter}")
         if self.target not in TARGET_SELECTIONS:
             raise ConfigError(f"unknown target selection {self.target!r}: use one of {', '.join(TARGET_SELECTIONS)}")
@@ -118,6 +129,9 @@ class AttackResult:
     example broke, counted over restarts/targets (0 = at the start point), -1 when not broken or
     unknown. broken_by: for composite attacks (AutoAttack), the sub-attack that broke each example.
     notes: warnings collected during the run (e.g. AutoAttack's checks), as one-line strings.
+    norms: for minimum-norm attacks, the norm (in the threat model's norm) of the smallest
+    adversarial perturbation found per example, whether or not it is within eps (0 for examples
+    already misclassified, inf where none was found); None for fixed-eps attacks.
     """
 
     x_adv: torch.Tensor
@@ -125,6 +139,7 @@ class AttackResult:
     step: torch.Tensor
     broken_by: list[str | None] | None = None
     notes: list[str] = field(default_factory=list)
+    norms: torch.Tensor | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,13 +195,20 @@ class Attack(abc.ABC):
     """Base class. Subclasses set ``config_class`` and implement ``_run``.
 
     Class attributes: ``gradient_free`` (a black-box attack: its successes after white-box attacks
-    failed hint at gradient masking), ``supports_targeted``, ``default_strength`` (used to order
-    attacks cheapest first when the user gives no order)."""
+    failed hint at gradient masking), ``supports_targeted``, ``cost_rank`` (used to order
+    attacks cheapest first when the user gives no order), ``minimum_norm`` (the attack looks for
+    the smallest adversarial perturbation, unbounded by eps, and fills `AttackResult.norms`),
+    ``bounded`` (False: the attack's output may leave the threat model, so `run` keeps only what
+    lies inside it: points outside count as not broken, or are clipped with ``project=True``),
+    ``batches_itself`` (the attack applies ``batch_size`` itself, e.g. pyautoattack)."""
 
     config_class: type[AttackConfig] = AttackConfig
     gradient_free: bool = False
     supports_targeted: bool = True
     cost_rank: int = 50
+    minimum_norm: bool = False
+    bounded: bool = True
+    batches_itself: bool = False
 
     def __init__(self, config: AttackConfig, name: str | None = None):
         if not isinstance(config, self.config_class):
@@ -205,7 +227,10 @@ class Attack(abc.ABC):
         return f"{type(self).__name__}(name={self.name!r}, config={self.config})"
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, **self.config.to_dict()}
+        out = {"name": self.name, **self.config.to_dict()}
+        if self.minimum_norm:
+            out["minimum_norm"] = True
+        return out
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, y_target: torch.Tensor | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
@@ -242,13 +267,83 @@ class Attack(abc.ABC):
                 if self.config.targeted and td is None:
                     with torch.no_grad():
                         td = select_targets(model(xd), yd, self.config.target, generator)
-                res = self._run(model, xd, yd, td, generator)
+                res = self._run_batches(model, xd, yd, td, generator)
+                if self.minimum_norm and res.norms is None:
+                    res.norms = torch.where(res.success, self.threat.distance(xd, res.x_adv.to(xd.dtype)),
+                                            torch.full_like(res.success, float("inf"), dtype=xd.dtype))
+                    if not self.config.targeted:  # already misclassified: distance 0, left alone
+                        with torch.no_grad():
+                            wrong = model(xd).argmax(1) != yd
+                        res.norms[wrong] = 0.0
+                        res.x_adv[wrong] = xd[wrong].to(res.x_adv.dtype)
+                        res.success[wrong] = True
+                if not self.bounded:
+                    self._keep_inside(model, xd, yd, td, res)
         finally:
             _DEFAULT_GENERATOR.reset(token)
         res.x_adv = res.x_adv.detach().to(device=in_device, dtype=x.dtype)
         res.success = res.success.to(in_device)
         res.step = res.step.to(in_device)
+        if res.norms is not None:
+            res.norms = res.norms.detach().to(in_device)
         return res
+
+    def _run_batches(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, y_target: torch.Tensor | None,
+                     generator: torch.Generator) -> AttackResult:
+        """`_run` on slices of ``batch_size`` examples (one slice when unset), results concatenated."""
+        bs = self.config.batch_size
+        n = x.shape[0]
+        if bs is None or self.batches_itself or n <= int(bs):
+            return self._run(model, x, y, y_target, generator)
+        from bastion.progress import progress
+
+        parts: list[AttackResult] = []
+        starts = range(0, n, int(bs))
+        for s in progress(starts, desc=self.name, unit="batch", quiet=not self.config.progress):
+            sl = slice(s, s + int(bs))
+            parts.append(self._run(model, x[sl], y[sl], None if y_target is None else y_target[sl], generator))
+        by = None
+        if any(p.broken_by is not None for p in parts):
+            by = [b for p in parts for b in (p.broken_by if p.broken_by is not None else [None] * p.x_adv.shape[0])]
+        notes = list(dict.fromkeys(m for p in parts for m in p.notes))
+        norms = None
+        if all(p.norms is not None for p in parts):
+            norms = torch.cat([p.norms for p in parts])
+        return AttackResult(torch.cat([p.x_adv for p in parts]), torch.cat([p.success for p in parts]),
+                            torch.cat([p.step for p in parts]), broken_by=by, notes=notes, norms=norms)
+
+    def _keep_inside(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, y_target: torch.Tensor | None,
+                     res: AttackResult) -> None:
+        """Make ``res`` respect the threat model (see ``bounded``); adds a note when it had to."""
+        threat = self.threat
+        xa = res.x_adv.to(x.dtype)
+        finite = torch.isfinite(xa).flatten(1).all(1)
+        xa = torch.where(finite.view((-1,) + (1,) * (x.dim() - 1)), xa, x)
+        tol = 0.0 if threat.norm == "l0" else 1e-6 * (x[0].numel() if threat.norm == "l1" else 1)
+        in_box = (xa.flatten(1).amin(1) >= 0) & (xa.flatten(1).amax(1) <= 1)
+        dist = threat.distance(x, xa)
+        outside = ~(finite & in_box & (dist <= threat.eps + tol))
+        if not bool(outside.any()):
+            res.x_adv = xa
+            return
+        k, n, worst = int(outside.sum()), x.shape[0], float(dist[outside & finite].max()) if bool(
+            (outside & finite).any()) else float("nan")
+        if self.config.project:
+            xa[outside] = threat.project(x[outside], xa[outside])
+            with torch.no_grad():
+                pred = model(xa[outside]).argmax(1)
+            goal = pred == y_target[outside] if self.config.targeted and y_target is not None else pred != y[outside]
+            res.success[outside] = goal
+            res.step[outside] = torch.where(goal, res.step[outside], torch.full_like(res.step[outside], -1))
+            res.notes.append(f"{k} of {n} adversarial example(s) lay outside {threat} (up to {worst:.4g}); "
+                             "project=True clipped them onto the ball and re-checked them")
+        else:
+            xa[outside] = x[outside]
+            res.success[outside] = False
+            res.step[outside] = -1
+            res.notes.append(f"{k} of {n} adversarial example(s) lay outside {threat} (up to {worst:.4g}) and "
+                             "count as not broken (project=True clips them instead)")
+        res.x_adv = xa
 
     @abc.abstractmethod
     def _run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, y_target: torch.Tensor | None,

@@ -8,7 +8,15 @@ itself. Each example gets one record:
 
     {"index", "probe", "kind": "robust", "threat", "attack" (the suite), "broken_by" (attack
      name, "autoattack/square" for AutoAttack's sub-attacks, or null), "step" (gradient step
-     at which it broke, null when unknown or robust), "label", "pred", "correct", "flags"}
+     at which it broke, null when unknown or robust), "label", "pred", "correct", "flags",
+     "min_norm" (minimum-norm attacks only, see below)}
+
+Minimum-norm attacks (``minimum_norm``: fmn-*, ddn, cw-l2, deepfool, fab, and third-party
+attacks without an eps such as ``torchattacks:CW``) run on every example correctly classified
+at its clean input, not only on those still robust, so each record carries the smallest
+perturbation norm found (``min_norm``): the robust fold turns these into a robust-accuracy-vs-eps
+curve from one run. Within the suite they break an example only when that perturbation lies
+inside the threat model.
 
 ``flags`` are per-example sanity checks, folded by `sanity_flags` into one-line warnings:
 
@@ -27,6 +35,7 @@ fixed order), so a resumed run recomputes a chunk to exactly the same records.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -78,8 +87,11 @@ class AttackProbe:
         self.name = name or f"{self.suite}@{self.threat}"
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "robust", "threat": str(self.threat), "attacks": [a.describe() for a in self.attacks],
-                "cross_check": self.cross_check}
+        out = {"kind": "robust", "threat": str(self.threat), "attacks": [a.describe() for a in self.attacks],
+               "cross_check": self.cross_check}
+        if any(a.minimum_norm for a in self.attacks):
+            out["minimum_norm"] = [a.name for a in self.attacks if a.minimum_norm]
+        return out
 
     # -- checks ------------------------------------------------------------------------------
     @staticmethod
@@ -132,18 +144,27 @@ class AttackProbe:
         broken_by: list[str | None] = [None] * n
         step: list[int | None] = [None] * n
         first_broken: list[int | None] = [None] * n  # position of the attack that broke it
+        clean_ok = robust.clone()
+        min_norm: list[float | None] = [0.0 if not bool(c) else None for c in clean_ok] \
+            if any(a.minimum_norm for a in self.attacks) else [None] * n
         white_box_seen = False
         for k, (atk, g, gp) in enumerate(zip(self.attacks, g_attack, g_pred)):
-            idx = robust.nonzero().flatten()
-            if idx.numel() == 0:
-                break
+            # minimum-norm attacks see every clean-correct example (for the per-example norms)
+            idx = (clean_ok if atk.minimum_norm else robust).nonzero().flatten()
+            if idx.numel() == 0 or not bool(robust.any()) and not atk.minimum_norm:
+                continue
             res = atk.run(model, x[idx], y[idx], generator=g)
             try:
                 self.threat.check(x[idx], res.x_adv)
             except ThreatModelViolation as exc:
                 raise ThreatModelViolation(f"attack {atk.name!r}: {exc}") from None
+            if atk.minimum_norm and res.norms is not None:
+                for j, v in enumerate(res.norms.tolist()):
+                    i = int(idx[j])
+                    if math.isfinite(v) and (min_norm[i] is None or v < min_norm[i]):
+                        min_norm[i] = float(v)
             p = self._predict(model, res.x_adv, gp)
-            broke = p != y[idx]
+            broke = (p != y[idx]) & robust[idx]
             for j in broke.nonzero().flatten().tolist():
                 i = int(idx[j])
                 part = res.broken_by[j] if res.broken_by is not None else None
@@ -166,7 +187,7 @@ class AttackProbe:
             self._cross_check(model, x, y, first_broken, flags, g_cross)
         return [RobustRecord(index=int(i), probe=self.name, threat=str(self.threat), attack=self.suite,
                              broken_by=broken_by[j], step=step[j], label=int(y[j]), pred=int(pred[j]),
-                             correct=bool(pred[j] == y[j]), flags=tuple(flags[j])).to_record()
+                             correct=bool(pred[j] == y[j]), flags=tuple(flags[j]), min_norm=min_norm[j]).to_record()
                 for j, i in enumerate(indices.tolist())]
 
     def _cross_check(self, model, x, y, first_broken, flags, generator) -> None:

@@ -39,9 +39,19 @@ from bastion.threat import ThreatModel
 @dataclass(frozen=True)
 class NativeConfig(AttackConfig):
     """`AttackConfig` plus ``objective``: a composite objective (see `attacks.adaptive`) used
-    instead of the plain ``loss`` (None: the loss on the model's logits)."""
+    instead of the plain ``loss`` (None: the loss on the model's logits), and ``margin``: an
+    example counts as broken (and stops being attacked) only once the logit margin of the wrong
+    class over the true one (targeted: of the target over the best other class) reaches
+    ``margin``; 0 stops at the first crossing. A margin keeps adversarial examples adversarial
+    when they are re-predicted in reduced precision (bf16, TF32) or by an exported model."""
 
     objective: Any = None
+    margin: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not float(self.margin) >= 0:
+            raise ConfigError(f"attack margin must be >= 0, got {self.margin}")
 
 
 @dataclass(frozen=True)
@@ -77,13 +87,21 @@ def _sub(t: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
     return None if t is None else t[idx]
 
 
+def _goal_margin(logits: torch.Tensor, y: torch.Tensor, goal_target: torch.Tensor | None) -> torch.Tensor:
+    """How far the prediction is past the goal: max_{j != y} z_j - z_y, or z_t - max_{j != t} z_j."""
+    from attacks.objectives import margin_loss
+
+    return margin_loss(logits, y, goal_target)
+
+
 def evaluate_objective(objective: Objective, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                        loss_target: torch.Tensor | None, goal_target: torch.Tensor | None, eot: int,
-                       need_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                       need_grad: bool, margin: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(loss, success, gradient) at ``x``, averaged over ``eot`` draws of the model's randomness.
 
-    success: prediction != y (untargeted, ``goal_target`` None) or == goal_target, and the
-    objective's extra condition; with eot > 1 a majority of draws must succeed."""
+    success: prediction != y (untargeted, ``goal_target`` None) or == goal_target (with
+    ``margin`` > 0: the goal's logit margin is >= margin), and the objective's extra condition;
+    with eot > 1 a majority of draws must succeed."""
     grad = None
     loss_sum = None
     succ_sum = None
@@ -96,8 +114,11 @@ def evaluate_objective(objective: Objective, model: nn.Module, x: torch.Tensor, 
                 (g,) = torch.autograd.grad(out.loss.sum(), x)
                 grad = g if grad is None else grad + g
         with torch.no_grad():
-            pred = out.logits.detach().argmax(dim=1)
-            s = pred != y if goal_target is None else pred == goal_target
+            if margin > 0:
+                s = _goal_margin(out.logits.detach(), y, goal_target) >= margin
+            else:
+                pred = out.logits.detach().argmax(dim=1)
+                s = pred != y if goal_target is None else pred == goal_target
             if out.valid is not None:
                 s = s & out.valid.detach().bool()
             loss = out.loss.detach()
@@ -148,8 +169,23 @@ class NativeAttack(Attack):
 
     def _start(self, model, x, y, loss_target, goal_target) -> _Outcome:
         loss, succ, _ = evaluate_objective(self.objective(), model, x, y, loss_target, goal_target,
-                                           self.config.eot_iter, need_grad=False)
+                                           self.config.eot_iter, False, float(self.config.margin))
+        if self.config.margin > 0 and goal_target is None and self.config.objective is None:
+            # already misclassified examples are not attacked further
+            with torch.no_grad():
+                pred = model(x).argmax(1)
+            succ = succ | (pred != y)
         return _Outcome(x, loss, succ)
+
+    def _finish(self, model, x, y, goal, out: _Outcome) -> AttackResult:
+        """The result; with a margin, success is re-read from the prediction (an example that
+        crossed the boundary but never reached the margin is still adversarial)."""
+        res = out.result()
+        if self.config.margin > 0 and self.config.objective is None:
+            with torch.no_grad():
+                pred = model(res.x_adv).argmax(1)
+            res.success = res.success | (pred == goal if goal is not None else pred != y)
+        return res
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,7 +195,7 @@ class NativeAttack(Attack):
 def pgd_engine(model: nn.Module, x: torch.Tensor, y: torch.Tensor, objective: Objective, threat: ThreatModel,
                steps: int, step_size: float, restarts: int, random_start: bool, eot: int,
                generator: torch.Generator, out: _Outcome, loss_target: torch.Tensor | None = None,
-               goal_target: torch.Tensor | None = None, step_offset: int = 0) -> _Outcome:
+               goal_target: torch.Tensor | None = None, step_offset: int = 0, margin: float = 0.0) -> _Outcome:
     """Projected gradient ascent on ``objective`` (signed steps for linf, normalized for l2),
     attacking only the examples ``out`` has not broken yet."""
     for r in range(restarts):
@@ -173,7 +209,7 @@ def pgd_engine(model: nn.Module, x: torch.Tensor, y: torch.Tensor, objective: Ob
         base = step_offset + r * steps
         for k in range(steps + 1):
             need = k < steps
-            loss, succ, g = evaluate_objective(objective, model, xc, yy, lt, gt, eot, need)
+            loss, succ, g = evaluate_objective(objective, model, xc, yy, lt, gt, eot, need, margin)
             better = loss > best
             best = torch.where(better, loss, best)
             xb = torch.where(better.view(_bshape(xc)), xc, xb)
@@ -208,8 +244,8 @@ class PGD(NativeAttack):
         goal = y_target if cfg.targeted else None
         out = self._start(model, x, y, y_target, goal)
         pgd_engine(model, x, y, self.objective(), cfg.threat, steps, alpha, cfg.restarts, cfg.random_start,
-                   cfg.eot_iter, generator, out, y_target, goal)
-        return out.result()
+                   cfg.eot_iter, generator, out, y_target, goal, margin=float(cfg.margin))
+        return self._finish(model, x, y, goal, out)
 
 
 class FGSM(NativeAttack):
@@ -226,8 +262,8 @@ class FGSM(NativeAttack):
         goal = y_target if cfg.targeted else None
         out = self._start(model, x, y, y_target, goal)
         pgd_engine(model, x, y, self.objective(), cfg.threat, 1, alpha, cfg.restarts, cfg.random_start,
-                   cfg.eot_iter, generator, out, y_target, goal)
-        return out.result()
+                   cfg.eot_iter, generator, out, y_target, goal, margin=float(cfg.margin))
+        return self._finish(model, x, y, goal, out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,7 +292,7 @@ def _record(out: _Outcome, st: dict[str, torch.Tensor], succ: torch.Tensor, step
 def apgd_engine(model: nn.Module, x: torch.Tensor, y: torch.Tensor, objective: Objective, threat: ThreatModel,
                 steps: int, rho: float, restarts: int, random_start: bool, eot: int, generator: torch.Generator,
                 out: _Outcome, loss_target: torch.Tensor | None = None, goal_target: torch.Tensor | None = None,
-                step_offset: int = 0, eta0: float | None = None) -> _Outcome:
+                step_offset: int = 0, eta0: float | None = None, margin: float = 0.0) -> _Outcome:
     """Auto-PGD (see module docstring) on the examples ``out`` has not broken yet."""
     ckpts = set(apgd_checkpoints(steps))
     eta_init = 2.0 * threat.eps if eta0 is None else eta0
@@ -268,7 +304,7 @@ def apgd_engine(model: nn.Module, x: torch.Tensor, y: torch.Tensor, objective: O
         x0, yy = x[idx], y[idx]
         lt, gt = _sub(loss_target, idx), _sub(goal_target, idx)
         xk = threat.random_start(x0, generator) if random_start else x0.clone()
-        loss, succ, g = evaluate_objective(objective, model, xk, yy, lt, gt, eot, need_grad=steps > 0)
+        loss, succ, g = evaluate_objective(objective, model, xk, yy, lt, gt, eot, steps > 0, margin)
         # state of the active examples (compacted together when some break)
         st: dict[str, torch.Tensor] = {}
         st["idx"], st["x0"], st["y"] = idx, x0, yy
@@ -298,7 +334,7 @@ def apgd_engine(model: nn.Module, x: torch.Tensor, y: torch.Tensor, objective: O
                 st["xprev"], st["xk"] = xk, z
             need = (i + 1) < steps
             loss, succ, g = evaluate_objective(objective, model, st["xk"], st["y"], st.get("lt"), st.get("gt"),
-                                               eot, need)
+                                               eot, need, margin)
             st["g"] = g if g is not None else st["g"]
             st["incr"] = st["incr"] + (loss > st["fprev"]).to(loss.dtype)
             st["fprev"] = loss
@@ -341,8 +377,8 @@ class APGD(NativeAttack):
         goal = y_target if cfg.targeted else None
         out = self._start(model, x, y, y_target, goal)
         apgd_engine(model, x, y, self.objective(), cfg.threat, steps, cfg.rho, cfg.restarts, cfg.random_start,
-                    cfg.eot_iter, generator, out, y_target, goal, eta0=cfg.step_size)
-        return out.result()
+                    cfg.eot_iter, generator, out, y_target, goal, eta0=cfg.step_size, margin=float(cfg.margin))
+        return self._finish(model, x, y, goal, out)
 
 
 class APGDTargeted(NativeAttack):
@@ -360,8 +396,8 @@ class APGDTargeted(NativeAttack):
         if cfg.targeted:
             out = self._start(model, x, y, y_target, y_target)
             apgd_engine(model, x, y, obj, cfg.threat, steps, cfg.rho, cfg.restarts, cfg.random_start,
-                        cfg.eot_iter, generator, out, y_target, y_target, eta0=cfg.step_size)
-            return out.result()
+                        cfg.eot_iter, generator, out, y_target, y_target, eta0=cfg.step_size, margin=float(cfg.margin))
+            return self._finish(model, x, y, y_target, out)
         out = self._start(model, x, y, None, None)
         with torch.no_grad():
             logits = model(x)
@@ -374,8 +410,8 @@ class APGDTargeted(NativeAttack):
             target = order[:, j + 1]  # examples still robust have y == order[:, 0]
             apgd_engine(model, x, y, obj, cfg.threat, steps, cfg.rho, cfg.restarts, cfg.random_start,
                         cfg.eot_iter, generator, out, target, None, step_offset=j * cfg.restarts * steps,
-                        eta0=cfg.step_size)
-        return out.result()
+                        eta0=cfg.step_size, margin=float(cfg.margin))
+        return self._finish(model, x, y, None, out)
 
 
 register_attack("fgsm", FGSM, random_start=False)

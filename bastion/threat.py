@@ -1,6 +1,9 @@
 """Threat models: an Lp ball of radius eps around x, intersected with the [0, 1] image box.
 
-Epsilons are in [0, 1] pixel units; strings such as ``linf:8/255`` or ``l2:0.5`` are parsed.
+Epsilons are in [0, 1] pixel units; strings such as ``linf:8/255``, ``l2:0.5`` or ``l1:12`` are
+parsed. Norms: ``linf``, ``l2``, ``l1`` (as AutoAttack's L1 threat model) and ``l0`` (eps = the
+number of input features, i.e. pixel channels, that may change; used by minimum-norm attacks).
+All norms are taken over the flattened input of each example.
 """
 
 from __future__ import annotations
@@ -14,8 +17,59 @@ import torch
 
 from bastion.errors import ThreatModelError, ThreatModelViolation
 
-NORMS = ("linf", "l2")
-_NORM_ALIASES = {"linf": "linf", "l_inf": "linf", "inf": "linf", "l2": "l2", "2": "l2"}
+NORMS = ("linf", "l2", "l1", "l0")
+_NORM_ALIASES = {"linf": "linf", "l_inf": "linf", "inf": "linf", "l2": "l2", "2": "l2", "l1": "l1", "1": "l1",
+                 "l0": "l0", "0": "l0"}
+
+
+def _bshape(x: torch.Tensor) -> tuple[int, ...]:
+    return (-1,) + (1,) * (x.dim() - 1)
+
+
+def project_l1_box(x: torch.Tensor, delta: torch.Tensor, eps: float | torch.Tensor, iters: int = 60) -> torch.Tensor:
+    """Exact Euclidean projection of ``delta`` onto {d : ||d||_1 <= eps, x + d in [0, 1]} (per example).
+
+    The problem is separable up to one multiplier: d_i = clip(soft(v_i, lam), -x_i, 1 - x_i)
+    with the smallest lam >= 0 making ||d||_1 <= eps; ||d(lam)||_1 is non-increasing in lam, so
+    lam is found by bisection (``iters`` halvings of [0, max |v|], then the feasible end)."""
+    lo_b, hi_b = -x, 1 - x
+    v = torch.minimum(torch.maximum(delta, lo_b), hi_b)
+    flat = v.flatten(1)
+    n = flat.shape[0]
+    eps_t = torch.as_tensor(eps, dtype=v.dtype, device=v.device).expand(n) if not torch.is_tensor(eps) \
+        else eps.to(v.dtype).expand(n)
+    over = flat.abs().sum(1) > eps_t
+    if not bool(over.any()):
+        return v
+    raw = delta.flatten(1)[over]
+    a = raw.abs()
+    cap = torch.where(raw > 0, hi_b.flatten(1)[over], -lo_b.flatten(1)[over])  # how far each entry may move
+    e = eps_t[over].view(-1, 1)
+    lam_lo = torch.zeros_like(e)
+    lam_hi = a.amax(1, keepdim=True)
+    for _ in range(iters):
+        mid = (lam_lo + lam_hi) / 2
+        too_big = torch.minimum((a - mid).clamp_min(0), cap).sum(1, keepdim=True) > e
+        lam_lo = torch.where(too_big, mid, lam_lo)
+        lam_hi = torch.where(too_big, lam_hi, mid)
+    shrunk = raw.sign() * torch.minimum((a - lam_hi).clamp_min(0), cap)
+    out = flat.clone()
+    out[over] = shrunk
+    return out.view_as(v)
+
+
+def project_l0(delta: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the ``k`` largest-magnitude entries of each example's ``delta`` (an L0 ball of radius k)."""
+    flat = delta.flatten(1)
+    k = int(k)
+    if k >= flat.shape[1]:
+        return delta
+    if k <= 0:
+        return torch.zeros_like(delta)
+    keep = flat.abs().topk(k, dim=1).indices
+    out = torch.zeros_like(flat)
+    out.scatter_(1, keep, flat.gather(1, keep))
+    return out.view_as(delta)
 
 
 def parse_eps(text: str | float | int) -> float:
@@ -54,9 +108,24 @@ def format_eps(eps: float) -> str:
     return f"{eps:g}"
 
 
+def lp_norm(delta: torch.Tensor, norm: str) -> torch.Tensor:
+    """Per-example ``norm`` (linf, l2, l1, l0) of ``delta`` (N, ...); shape (N,)."""
+    d = delta.flatten(1)
+    if norm == "linf":
+        return d.abs().amax(dim=1)
+    if norm == "l2":
+        return d.norm(p=2, dim=1)
+    if norm == "l1":
+        return d.abs().sum(dim=1)
+    if norm == "l0":
+        return (d != 0).sum(dim=1).to(d.dtype if d.is_floating_point() else torch.float32)
+    raise ThreatModelError(f"unknown norm {norm!r}: use one of {', '.join(NORMS)}")
+
+
 @dataclass(frozen=True)
 class ThreatModel:
-    """An Lp threat model. ``norm`` is ``"linf"`` or ``"l2"``; ``eps`` in [0, 1] pixel units."""
+    """An Lp threat model. ``norm`` is ``"linf"``, ``"l2"``, ``"l1"`` or ``"l0"``; ``eps`` in [0, 1]
+    pixel units (for l0: a count of input features)."""
 
     norm: str
     eps: float
@@ -88,16 +157,17 @@ class ThreatModel:
     # -- geometry -----------------------------------------------------------------------------
     def distance(self, x: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
         """Per-example norm of ``x_adv - x``; shape (N,)."""
-        d = (x_adv - x).flatten(1)
-        if self.norm == "linf":
-            return d.abs().amax(dim=1)
-        return d.norm(p=2, dim=1)
+        return lp_norm(x_adv - x, self.norm)
 
     def project(self, x: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
         """Project ``x_adv`` onto the eps-ball around ``x`` intersected with [0, 1]."""
         delta = x_adv - x
         if self.norm == "linf":
             delta = delta.clamp(-self.eps, self.eps)
+        elif self.norm == "l1":
+            return (x + project_l1_box(x, delta, self.eps)).clamp(0.0, 1.0)
+        elif self.norm == "l0":
+            return (x + project_l0((x + delta).clamp(0.0, 1.0) - x, int(self.eps))).clamp(0.0, 1.0)
         else:
             n = delta.flatten(1).norm(p=2, dim=1).clamp_min(1e-12)
             factor = (self.eps / n).clamp(max=1.0)
@@ -105,10 +175,20 @@ class ThreatModel:
         return (x + delta).clamp(0.0, 1.0)
 
     def random_start(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """A uniform point of the ball (linf) or a random direction of random radius (l2), in [0, 1]."""
+        """A uniform point of the ball (linf) or a random direction of random radius (l2, l1: the
+        direction from a Laplace draw, then projected; l0: ``eps`` random features set at random), in [0, 1]."""
         if self.norm == "linf":
             u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             delta = (2 * u - 1) * self.eps
+        elif self.norm == "l0":
+            return self.project(x, torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype))
+        elif self.norm == "l1":
+            u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            sign = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) < 0.5
+            lap = -torch.log1p(-u.clamp(max=1 - 1e-7)) * (2 * sign.to(x.dtype) - 1)  # a Laplace draw
+            lap = lap / lap.flatten(1).abs().sum(1).clamp_min(1e-12).view(_bshape(x))
+            r = torch.rand((x.shape[0],), generator=generator, device=x.device, dtype=x.dtype)
+            return self.project(x, x + lap * (r * self.eps).view(_bshape(x)))
         else:
             g = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             g = g / g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
@@ -129,7 +209,8 @@ class ThreatModel:
             raise ThreatModelViolation(f"adversarial batch leaves [0, 1]: min {lo:.6g}, max {hi:.6g}")
         dist = self.distance(x.to(x_adv.dtype), x_adv)
         worst = float(dist.max()) if dist.numel() else 0.0
-        if worst > self.eps + atol:
+        tol = 0.0 if self.norm == "l0" else max(atol, 1e-7 * x[0].numel()) if self.norm == "l1" else atol
+        if worst > self.eps + tol:
             idx = int(dist.argmax())
             raise ThreatModelViolation(
                 f"adversarial example at batch position {idx} has {self.norm} distance {worst:.8g} "

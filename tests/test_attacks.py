@@ -3,6 +3,7 @@ conformance suite run over every registered attack."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -159,23 +160,44 @@ FAST = {
     "eot-apgd-dlr": {"steps": 4, "eot_iter": 2}, "smoothadv": {"steps": 4, "num_noise": 4, "sigma": 0.1},
     "autoattack": {"version": "custom", "attacks": ("apgd-ce", "square"), "steps": 4, "n_queries": 20},
     "autoattack-rand": {"steps": 3, "eot_iter": 2},
-    "autoattack-plus": {"steps": 2, "n_restarts": 1, "n_target_classes": 2, "n_queries": 10},
+    "autoattack-plus": {"steps": 2, "restarts": 1, "n_target_classes": 2, "n_queries": 10},
     "torchattacks:PGD": {"steps": 3},
+    "torchattacks:CW": {"steps": 5},
+    "torchattacks:DeepFool": {"steps": 3},
+    "torchattacks:OnePixel": {"steps": 2, "popsize": 4},
+    "fmn-linf": {"steps": 10}, "fmn-l2": {"steps": 10}, "fmn-l1": {"steps": 10}, "fmn-l0": {"steps": 10},
+    "ddn": {"steps": 10}, "cw-l2": {"steps": 10, "binary_steps": 2}, "deepfool": {"steps": 5},
+    "fab": {"steps": 5}, "square": {"n_queries": 20}, "autoattack-native": {"steps": 4, "n_queries": 10,
+                                                                            "n_target_classes": 2},
 }
+TA_EXTRA = ("torchattacks:PGD", "torchattacks:CW", "torchattacks:DeepFool", "torchattacks:OnePixel")
 
 
 def _all_attack_names() -> list[str]:
-    return [("torchattacks:PGD" if n == "torchattacks:<Name>" else n) for n in list_attacks()]
+    names = [n for n in list_attacks() if n != "torchattacks:<Name>"]
+    return names + list(TA_EXTRA)
 
 
+def _threat_for(name: str) -> ThreatModel:
+    """Each attack's own threat model family (minimum-norm attacks measure in their norm)."""
+    for suffix, t in (("-l0", "l0:6"), ("-l1", "l1:2"), ("-l2", "l2:0.5"), ("ddn", "l2:0.5"),
+                      ("DeepFool", "l2:0.5"), ("CW", "l2:0.5"), ("deepfool", "l2:0.5")):
+        if name.endswith(suffix):
+            return ThreatModel.parse(t)
+    return ThreatModel.parse("linf:0.1")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("name", _all_attack_names())
-def test_conformance(name, mlp, batch):
+def test_conformance(name, dtype, mlp, batch):
+    """Every registered attack (and torchattacks' unbounded CW/DeepFool/OnePixel): inside its
+    threat model as reported, seeded, dtype/device/shape kept, model mode and grads restored."""
     if name.startswith("torchattacks:"):
         pytest.importorskip("torchattacks")
-    x, y = batch[0][:8], batch[1][:8]
-    threat = ThreatModel.parse("linf:0.1")
+    x, y = batch[0][:8].to(dtype), batch[1][:8]
+    threat = _threat_for(name)
     atk = create_attack(name, threat, **FAST.get(name, {}))
-    model = mlp
+    model = copy.deepcopy(mlp).to(dtype)
     model.train()                       # the attack must restore it
     model.net[1].eval()                 # ... per module
     frozen = next(model.parameters())
@@ -188,6 +210,14 @@ def test_conformance(name, mlp, batch):
         assert torch.equal(a, b), "a fixed seed must reproduce"
         assert a.shape == x.shape and a.dtype == x.dtype and a.device == x.device
         threat.check(x, a)
+        res = atk.run(model, x, y)
+        claimed = res.success & (model(res.x_adv).argmax(1) != y)
+        if name != "smoothadv":  # smoothadv's claim is about the smoothed classifier
+            assert torch.equal(res.success, claimed), "a claimed success must be a misclassification"
+        if atk.minimum_norm:
+            assert res.norms is not None and res.norms.shape == y.shape
+            found = torch.isfinite(res.norms)
+            assert bool((res.norms[found] >= 0).all())
         assert float(a.min()) >= 0 and float(a.max()) <= 1
         assert model.training and not model.net[1].training
         assert [p.requires_grad for p in model.parameters()] == flags
@@ -200,8 +230,27 @@ def test_conformance(name, mlp, batch):
         model.eval()
 
 
-@pytest.mark.parametrize("name", [n for n in _all_attack_names()
-                                  if n not in ("autoattack", "autoattack-rand", "autoattack-plus")])
+def test_conformance_on_the_accelerator(mlp, batch):
+    """On CUDA (when present): inputs on the CPU, model on the GPU; results come back on the CPU."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    model = copy.deepcopy(mlp).cuda()
+    x, y = batch[0][:8], batch[1][:8]
+    for name in [n for n in _all_attack_names() if not n.startswith("torchattacks:")]:
+        threat = _threat_for(name)
+        a = create_attack(name, threat, **FAST.get(name, {}))(model, x, y)
+        assert a.device == x.device and a.dtype == x.dtype, name
+        threat.check(x, a)
+
+
+def _targeted_names() -> list[str]:
+    from attacks.base import _REGISTRY
+
+    return [n for n in _all_attack_names() if n in _REGISTRY and _REGISTRY[n].cls.supports_targeted
+            and not _REGISTRY[n].cls.minimum_norm] + ["torchattacks:PGD"]
+
+
+@pytest.mark.parametrize("name", _targeted_names())
 def test_targeted_mode_hits_targets(name, mlp, batch):
     if name.startswith("torchattacks:"):
         pytest.importorskip("torchattacks")

@@ -43,14 +43,14 @@ def test_bad_values():
     with pytest.raises(ThreatModelError):
         ThreatModel("linf", True)
     with pytest.raises(ThreatModelError, match="unknown norm"):
-        ThreatModel("l1", 0.1)
+        ThreatModel("l3", 0.1)
 
 
 _shapes = st.tuples(st.integers(1, 3), st.integers(1, 2), st.integers(1, 4), st.integers(1, 4))
 
 
 @settings(max_examples=60, deadline=None)
-@given(shape=_shapes, norm=st.sampled_from(["linf", "l2"]), eps=st.floats(0, 2),
+@given(shape=_shapes, norm=st.sampled_from(["linf", "l2", "l1"]), eps=st.floats(0, 2),
        seed=st.integers(0, 2 ** 31), scale=st.floats(0, 4))
 def test_projection_property(shape, norm, eps, seed, scale):
     g = torch.Generator().manual_seed(seed)
@@ -104,3 +104,36 @@ def test_check_violations():
     l2.check(x, x + d)
     with pytest.raises(ThreatModelViolation, match="l2 distance"):
         l2.check(x, x + 1.01 * d)
+
+
+@settings(max_examples=60, deadline=None)
+@given(shape=_shapes, eps=st.floats(0, 6), seed=st.integers(0, 2 ** 31), scale=st.floats(0, 4))
+def test_l1_projection_is_the_exact_projection(shape, eps, seed, scale):
+    """Inside the ball and box, idempotent, and no feasible point of a random sample is closer."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(shape, generator=g, dtype=torch.float64)
+    x_adv = x + scale * torch.randn(shape, generator=g, dtype=torch.float64)
+    t = ThreatModel("l1", eps)
+    p = t.project(x, x_adv)
+    t.check(x, p)
+    assert torch.allclose(t.project(x, p), p, atol=1e-9)
+    for _ in range(20):  # random feasible points are never closer to x_adv than the projection
+        q = t.project(x, x + torch.randn(shape, generator=g, dtype=torch.float64))
+        assert bool(((q - x_adv).flatten(1).norm(dim=1) >= (p - x_adv).flatten(1).norm(dim=1) - 1e-9).all())
+
+
+def test_l1_and_l0_threat_models():
+    t = ThreatModel.parse("l1:12")
+    assert (t.norm, t.eps, str(t)) == ("l1", 12.0, "l1:12")
+    x = torch.rand(4, 1, 8, 8)
+    a = t.random_start(x, torch.Generator().manual_seed(0))
+    t.check(x, a)
+    assert float(t.distance(x, a).max()) > 0
+    with pytest.raises(ThreatModelViolation, match="l1 distance"):
+        t.check(x, (x + 0.5).clamp(0, 1))
+    z = ThreatModel.parse("l0:5")
+    p = z.project(x, torch.rand(4, 1, 8, 8))
+    z.check(x, p)
+    assert z.distance(x, p).max() <= 5
+    with pytest.raises(ThreatModelViolation, match="l0 distance"):
+        z.check(x, torch.rand(4, 1, 8, 8))
