@@ -204,6 +204,9 @@ class RobustRecord(BaseRecord):
     broken_by: str | None = None
     step: int | None = None
     flags: tuple[str, ...] = ()
+    # smallest adversarial perturbation (threat model's norm) found by the suite's minimum-norm
+    # attacks, within eps or not; 0.0 when misclassified clean; None when none ran or none was found
+    min_norm: float | None = None
 
 
 @register_record_type
