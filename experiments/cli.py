@@ -24,6 +24,8 @@ COMMANDS = [
     "experiments.commands.run",
     "experiments.commands.report",
     "experiments.commands.quickstart",
+    "experiments.commands.leaderboard",
+    "experiments.commands.sweep",
 ]
 
 

@@ -2,6 +2,16 @@
 `bastion.train.fit` with the `defenses.co_monitor.COMonitor` callback, from one TOML config
 (see experiments/configs/co_study_*.toml).
 
+The study is a sweep: `study_to_sweep` turns a study config into the equivalent `bastion sweep`
+config (objectives zipped with their parameters x seeds, one `bastion train` run per cell, the
+``[expect]`` claims as ``[[expect]]`` mean checks), and experiments/configs/sweep_co_digits.toml is
+co_study_digits.toml written that way. Run it with one command:
+
+    bastion sweep experiments/configs/sweep_co_digits.toml --workers 2
+
+or ``python -m experiments.co_study CONFIG --sweep --out DIR``. The runner below is kept so
+earlier study directories (results.json) still resume and merge.
+
     python -m experiments.co_study experiments/configs/co_study_digits.toml --out runs/co_study_digits
 
 Writes OUT/<method>_s<seed>/ (fit's run directory: train_log.jsonl, checkpoints), OUT/results.json
@@ -162,6 +172,48 @@ def check_expectations(cfg: dict[str, Any], results: list[dict[str, Any]]) -> li
     return checks
 
 
+def study_to_sweep(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The `experiments.sweep` config of a study config: ``bastion train`` with the CO monitor on,
+    seeds x methods (objective and params zipped), ``[expect]`` fractions as mean checks of ``co``."""
+    bad = sorted(k for k in cfg.get("monitor", {}) if k not in ("pgd_steps", "every"))
+    if bad or cfg.get("train_examples") or cfg.get("test_examples"):
+        raise ConfigError(f"study options {bad or ['train_examples/test_examples']} have no `bastion train` "
+                          f"option; run this study with python -m experiments.co_study")
+    base: dict[str, Any] = {"dataset": cfg["dataset"], "model": cfg["model"], "eps": str(cfg["eps"]),
+                            "monitor": "on"}
+    for key in ("data_root", "image_size"):
+        if cfg.get(key) is not None:
+            base[key] = cfg[key]
+    if cfg.get("model_kwargs"):
+        base["model_arg"] = [f"{k}={v}" for k, v in cfg["model_kwargs"].items()]
+    base |= dict(cfg["train"])
+    mon = cfg.get("monitor", {})
+    if "pgd_steps" in mon:
+        base["monitor_pgd_steps"] = mon["pgd_steps"]
+    if "every" in mon:
+        base["monitor_every"] = mon["every"]
+    methods = cfg["methods"]
+    if any(m.get("train") for m in methods.values()):
+        raise ConfigError("per-method [train] overrides: run this study with python -m experiments.co_study")
+    expect = []
+    for kind, table in cfg.get("expect", {}).items():
+        for meth, f in table.items():
+            expect.append({"where": {"method": meth}, "metric": "co",
+                           ("mean_min" if kind == "co_min_fraction" else "mean_max"): float(f)})
+    return {"name": cfg.get("name", "co_study"), "command": "train", "description": str(cfg.get("description", "")),
+            "base": base, "grid": {"seed": list(cfg.get("seeds", [0]))},
+            "zip": [{"axis": "method", "labels": list(methods), "objective": [m["objective"] for m in methods.values()],
+                     "param": [[f"{k}={_literal(v)}" for k, v in m.get("params", {}).items()]
+                               for m in methods.values()]}],
+            "summary": {"metrics": ["final_pgd", "peak_pgd", "peak_epoch", "co", "co_first_epoch", "final_fgsm",
+                                    "final_clean"]},
+            "expect": expect}
+
+
+def _literal(v: Any) -> str:
+    return ("true" if v else "false") if isinstance(v, bool) else str(v)
+
+
 def _fmt(v: float | None, d: int = 3) -> str:
     return "–" if v is None else f"{v:.{d}f}"
 
@@ -178,9 +230,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--include", action="append", default=[], metavar="DIR",
                    help="reuse finished runs from another output directory of the same config (parallel shards)")
+    p.add_argument("--sweep", action="store_true", help="run the study as a `bastion sweep` (cells in OUT/cells)")
+    p.add_argument("--workers", type=int, default=1, help="with --sweep: cells at a time (local processes)")
     args = p.parse_args(argv)
     try:
         cfg = read_config(args.config)
+        if args.sweep:
+            from experiments.sweep import parse_sweep, run_sweep
+
+            sweep = parse_sweep(study_to_sweep(cfg), repr(args.config))
+            summary = run_sweep(sweep, args.out, device=args.device, workers=args.workers, threads=args.threads,
+                                log=(lambda m: None) if args.quiet else print)
+            for e in summary["expect"]:
+                print(f"| {e['what']} | {'yes' if e['met'] else 'NO'} |")
+            return 0 if all(e["met"] for e in summary["expect"]) else 1
         torch.set_num_threads(args.threads or int(cfg.get("threads", 1)))
         if args.epochs:
             cfg["train"]["epochs"] = args.epochs
