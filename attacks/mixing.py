@@ -179,7 +179,7 @@ class TransferAttack(Attack):
 # ---------------------------------------------------------------------------------------------
 
 def autoattack_available() -> bool:
-    return importlib.util.find_spec("autoattack") is not None
+    return importlib.util.find_spec("pyautoattack") is not None
 
 
 def adaptive_suite(threat: ThreatModel | str, *, steps: int = 100, weights: Sequence[float] = (0.3, 0.5, 0.7, 0.9),

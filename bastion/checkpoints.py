@@ -286,6 +286,10 @@ def list_composites() -> list[str]:
 
 def _build_composite(builder: str, args: dict[str, Any], where: str) -> nn.Module:
     if builder not in _COMPOSITES:
+        from bastion.plugins import load_plugins
+
+        load_plugins()  # the package that registers the builder (e.g. defenses.adaptive_smoothing)
+    if builder not in _COMPOSITES:
         known = ", ".join(list_composites()) or "none registered"
         raise CheckpointError(f"{where}: unknown composite builder {builder!r} (registered: {known}); import "
                               f"the module that registers it")

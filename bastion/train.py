@@ -176,6 +176,7 @@ _FALLBACK_PLUGINS = {
     "pgd": "defenses.pgd_at", "gaussian": "defenses.gaussian",
     **{n: "defenses.single_step" for n in ("fgsm", "fgsm_rs", "n_fgsm", "nfgsm", "rs_aaer", "n_aaer", "aaer")},
     "rct": "certify.rscp",
+    "adaptive_mixing": "defenses.mixing_training", "spectral_ce": "defenses.mixing_training",
 }
 
 

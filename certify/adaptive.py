@@ -95,7 +95,8 @@ class LipschitzCertifyProbe:
     def describe(self) -> dict[str, Any]:
         return {"kind": "certify", "task": "certify", "name": self.name, "sigma": 0.0, "mode": "exact",
                 "model": f"mixed (Lipschitz form, L={self.lipschitz:.4g}, alpha={self.alpha})", "n0": None,
-                "n": None, "alpha": 0.0, "batch": None, "max_radius": self.max_radius, "autocast": None}
+                "n": None, "alpha": 0.0, "batch": None, "max_radius": self.max_radius, "autocast": None,
+                "radii": [round(self.max_radius * i / 8, 6) for i in range(9)]}   # radii here are << 1
 
     def run(self, model, x, y, indices, generator) -> list[Record]:
         alpha = float(self.alpha if self.alpha is not None else model.alpha_floor())

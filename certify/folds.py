@@ -3,7 +3,8 @@
 Per setting (probe): certified accuracy at the table radii and on a fine grid, its
 high-probability variant, ACR, abstention, time and samples per example, how sequential runs
 stopped; across settings the envelope (best over sigma). Run options (alpha, mode, n0, n, ...)
-come from the probes' descriptions; for runs read back without them (an older run directory),
+(and the table's ``radii``, default `table_radii(max_radius)`) come from the probes'
+descriptions; for runs read back without them (an older run directory),
 from the records, with Cohen et al.'s defaults where a record does not say.
 """
 
@@ -20,7 +21,7 @@ import certify.report  # noqa: F401  (registers the certification renderer)  # i
 
 
 def setting_metrics(name: str, rows: list[BaseRecord], desc: dict[str, Any], alpha: float,
-                    max_radius: float) -> dict[str, Any]:
+                    max_radius: float, radii: list[float]) -> dict[str, Any]:
     """The metrics of one setting from its records (sorted by index)."""
     sigma = desc.get("sigma", rows[0].sigma if rows else None)
     base = {"name": name, "sigma": sigma, "model": desc.get("model")}
@@ -33,7 +34,7 @@ def setting_metrics(name: str, rows: list[BaseRecord], desc: dict[str, Any], alp
                        "mean_time_s": sum(times) / len(times) if times else None}
     folded = fold_rows([{"label": r.label, "predict": r.pred, "radius": r.radius, "time": r.time_s,
                          "samples": r.samples} for r in rows], sigma=sigma, alpha=alpha,
-                       max_radius=max_radius, radii=table_radii(max_radius))
+                       max_radius=max_radius, radii=radii)
     stops: dict[str, int] = {}
     for r in rows:
         stops[r.stopped] = stops.get(r.stopped, 0) + 1
@@ -52,7 +53,8 @@ def fold_certify(records: list[BaseRecord], ctx: FoldContext) -> list[dict[str, 
     max_radius = float(first.get("max_radius") or default_max_radius(sigmas))
     alpha = float(first.get("alpha", 0.001))
     task = first.get("task", records[0].kind)
-    settings = [setting_metrics(n, sorted(by_probe[n], key=lambda r: r.index), descs[n], alpha, max_radius)
+    radii = [float(r) for r in first.get("radii") or table_radii(max_radius)]   # a probe may set its table
+    settings = [setting_metrics(n, sorted(by_probe[n], key=lambda r: r.index), descs[n], alpha, max_radius, radii)
                 for n in order]
     any_rec = records[0]
     data = {"task": task, "mode": first.get("mode", "exact"), "n0": first.get("n0", getattr(any_rec, "n0", None)),

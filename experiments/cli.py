@@ -21,6 +21,7 @@ COMMANDS = [
     "experiments.commands.certify",
     "experiments.commands.conformal",
     "experiments.commands.detect",
+    "experiments.commands.mix",
     "experiments.commands.run",
     "experiments.commands.report",
     "experiments.commands.quickstart",

@@ -24,6 +24,7 @@ SECTIONS: list[tuple[str, str]] = [
     ("certification", "experiments.quickstart.certification"),
     ("conformal", "experiments.quickstart.conformal"),
     ("detection", "experiments.quickstart.detection"),
+    ("adaptive", "experiments.quickstart.adaptive"),
 ]
 
 
