@@ -125,7 +125,9 @@ class CertifyProbe:
         self.opts = opts
         self.max_radius = float(max_radius)
         self.name = setting.name
-        self.chunk_size = chunk_size(opts.n0 if opts.task == "certify" else 0, opts.n, opts.batch)
+        # anytime mode stops most examples long before the cap: size chunks on a typical count
+        n_chunk = min(opts.n, 10_000) if opts.anytime else opts.n
+        self.chunk_size = chunk_size(opts.n0 if opts.task == "certify" else 0, n_chunk, opts.batch)
         self.certifier = certifier
 
     def describe(self) -> dict[str, Any]:
@@ -213,8 +215,9 @@ def run_certification(settings: Sequence[Setting], data: ImageDataset, out_dir: 
         raise ConfigError(f"setting names must be unique, got {names}")
     cfg = dict(config) if config is not None else {
         "task": opts.task, "n0": opts.n0, "n": opts.n, "alpha": opts.alpha, "batch": opts.batch,
-        "seed": opts.seed, "sequential": opts.sequential, "seq_start": opts.seq_start,
-        "max_radius": opts.max_radius, "autocast": opts.autocast, "shard_size": opts.shard_size,
+        "seed": opts.seed, "sequential": opts.sequential, "seq_start": opts.seq_start, "anytime": opts.anytime,
+        "precision": opts.precision, "bound": opts.bound,
+        "max_radius": opts.max_radius, "autocast": opts.autocast,
         "settings": [{"name": s.name, "sigma": s.sigma, "model": model_name(s.model)} for s in settings],
         "data": {"name": data.name, "split": data.split, "indices": data.indices.tolist()}}
     max_radius = opts.max_radius or default_max_radius([s.sigma for s in settings])
@@ -223,7 +226,7 @@ def run_certification(settings: Sequence[Setting], data: ImageDataset, out_dir: 
     run_opts = RunOptions(batch_size=probes[0].chunk_size, seed=opts.seed, device=opts.device, quiet=quiet,
                           backend=backend, workers=workers, threads=threads, address=address, retries=retries,
                           num_gpus=num_gpus, shard_size=opts.shard_size)
-    mode = "sequential" if opts.sequential else "exact"
+    mode = opts.mode
     title = title or f"Randomized smoothing: {opts.task} on {data.name} ({mode} mode, n={opts.n}, alpha={opts.alpha})"
     out = Path(out_dir)
     doc = evaluate(None, data, probes, out, cfg, opts=run_opts, title=title, doc_title=f"Bastion certification: "

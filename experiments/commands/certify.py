@@ -92,7 +92,8 @@ def default_out_dir(args: argparse.Namespace) -> str:
     do not collide on the default."""
     sig = "_".join(f"{float(s):g}" for s in args.sigma)
     task = "predict" if args.predict else "certify"
-    mode = "-sequential" if args.sequential else ""
+    mode = ("-sequential" if args.sequential else "") + ("-anytime" if getattr(args, "anytime", False) else "") + (
+        "-randomized" if getattr(args, "bound", "cp") == "randomized" else "")
     return f"runs/{task}-{model_label(args.model[0])}-sigma{sig}{mode}"
 
 
