@@ -192,20 +192,62 @@ class NativeAttack(Attack):
 # PGD / FGSM
 # ---------------------------------------------------------------------------------------------
 
+def _per_example(v: float | torch.Tensor | None, idx: torch.Tensor) -> float | torch.Tensor | None:
+    """A scalar as is; a (B,) tensor of per-example values restricted to ``idx``, shaped (b, 1, ...)."""
+    return v if v is None or not torch.is_tensor(v) else v[idx]
+
+
+def _ball_start(threat: ThreatModel, x: torch.Tensor, eps: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """A random start in per-example balls of radius ``eps`` (b,) (linf: uniform; l2: a uniform
+    direction at a uniform radius), in [0, 1]."""
+    shape = _bshape(x)
+    if threat.norm == "linf":
+        u = torch.rand(x.shape, generator=g, device=g.device).to(x.device, x.dtype)
+        return (x + (2 * u - 1) * eps.view(shape)).clamp(0, 1)
+    d = torch.randn(x.shape, generator=g, device=g.device).to(x.device, x.dtype)
+    d = d / d.flatten(1).norm(dim=1).clamp_min(1e-12).view(shape)
+    r = torch.rand(x.shape[0], generator=g, device=g.device).to(x.device, x.dtype)
+    return _ball_project(threat, x, x + d * (r * eps).view(shape), eps)
+
+
+def _ball_project(threat: ThreatModel, x: torch.Tensor, xa: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """Project onto per-example balls of radius ``eps`` (b,) around ``x`` (linf or l2) and [0, 1]."""
+    shape = _bshape(x)
+    d = xa - x
+    if threat.norm == "linf":
+        e = eps.view(shape)
+        d = torch.maximum(torch.minimum(d, e), -e)
+    elif threat.norm == "l2":
+        d = d * (eps / d.flatten(1).norm(dim=1).clamp_min(1e-12)).clamp(max=1).view(shape)
+    else:
+        raise AttackError(f"per-example radii support linf and l2, not {threat.norm}")
+    return (x + d).clamp(0, 1)
+
+
 def pgd_engine(model: nn.Module, x: torch.Tensor, y: torch.Tensor, objective: Objective, threat: ThreatModel,
-               steps: int, step_size: float, restarts: int, random_start: bool, eot: int,
+               steps: int, step_size: float | torch.Tensor, restarts: int, random_start: bool, eot: int,
                generator: torch.Generator, out: _Outcome, loss_target: torch.Tensor | None = None,
-               goal_target: torch.Tensor | None = None, step_offset: int = 0, margin: float = 0.0) -> _Outcome:
+               goal_target: torch.Tensor | None = None, step_offset: int = 0, margin: float = 0.0,
+               eps: torch.Tensor | None = None, momentum: float | None = None) -> _Outcome:
     """Projected gradient ascent on ``objective`` (signed steps for linf, normalized for l2),
-    attacking only the examples ``out`` has not broken yet."""
+    attacking only the examples ``out`` has not broken yet.
+
+    Options for randomized training adversaries: ``eps`` (B,) per-example radii (linf/l2) inside
+    ``threat``'s ball, ``step_size`` a float or (B,) tensor, ``momentum`` m: steps follow
+    ``buf = m buf + g / scale(g)`` (scale: mean |g| for linf, ||g||_2 for l2) instead of g."""
     for r in range(restarts):
         idx = out.remaining()
         if idx.numel() == 0:
             break
         x0, yy = x[idx], y[idx]
         lt, gt = _sub(loss_target, idx), _sub(goal_target, idx)
-        xc = threat.random_start(x0, generator) if random_start else x0.clone()
+        ee, st = _per_example(eps, idx), _per_example(step_size, idx)
+        if ee is not None:
+            xc = _ball_start(threat, x0, ee, generator) if random_start else x0.clone()
+        else:
+            xc = threat.random_start(x0, generator) if random_start else x0.clone()
         best, xb = out.best[idx], out.x_adv[idx]
+        buf = torch.zeros_like(x0) if momentum is not None else None
         base = step_offset + r * steps
         for k in range(steps + 1):
             need = k < steps
@@ -217,7 +259,8 @@ def pgd_engine(model: nn.Module, x: torch.Tensor, y: torch.Tensor, objective: Ob
                 out.hit(idx, succ, xc, base + k)
                 keep = ~succ
                 idx, xc, x0, yy, best, xb = idx[keep], xc[keep], x0[keep], yy[keep], best[keep], xb[keep]
-                lt, gt = _sub(lt, keep), _sub(gt, keep)
+                lt, gt, ee, buf = _sub(lt, keep), _sub(gt, keep), _sub(ee, keep), _sub(buf, keep)
+                st = st[keep] if torch.is_tensor(st) else st
                 if g is not None:
                     g = g[keep]
                 if idx.numel() == 0:
@@ -225,9 +268,31 @@ def pgd_engine(model: nn.Module, x: torch.Tensor, y: torch.Tensor, objective: Ob
             if not need:
                 break
             with torch.no_grad():
-                xc = threat.project(x0, xc + step_size * _direction(threat, g))
+                if buf is not None:
+                    scale = g.abs().flatten(1).mean(1) if threat.norm == "linf" else g.flatten(1).norm(dim=1)
+                    buf = momentum * buf + g / scale.clamp_min(1e-12).view(_bshape(g))
+                    g = buf
+                stp = st.view(_bshape(xc)) if torch.is_tensor(st) else st
+                xn = xc + stp * _direction(threat, g)
+                xc = threat.project(x0, xn) if ee is None else _ball_project(threat, x0, xn, ee)
         out.keep_best(idx, best, xb)
     return out
+
+
+def training_adversary(model: nn.Module, x: torch.Tensor, y: torch.Tensor, objective: Objective,
+                       threat: ThreatModel, steps: int, step_size: float | torch.Tensor, generator: torch.Generator,
+                       *, target: torch.Tensor | None = None, eps: torch.Tensor | None = None,
+                       momentum: float | None = None, random_start: bool = True) -> torch.Tensor:
+    """The PGD engine for training-data generation: every example takes every step of ``objective``
+    (whose ``valid`` should be all False, so nothing stops early) and the highest-loss point is
+    returned, detached; ``eps``/``step_size`` may be per example (B,), ``momentum`` as in
+    `pgd_engine`. No mode or gradient bookkeeping: the caller owns the model's state."""
+    with torch.no_grad():
+        loss0 = objective(model, x, y, target).loss.detach()
+    out = _Outcome(x, loss0, torch.zeros_like(y, dtype=torch.bool))
+    pgd_engine(model, x, y, objective, threat, steps, step_size, 1, random_start, 1, generator, out, target,
+               eps=eps, momentum=momentum)
+    return out.x_adv.detach()
 
 
 class PGD(NativeAttack):

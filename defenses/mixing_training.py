@@ -22,8 +22,8 @@ Per batch ``(x, y)``:
 
 The bases stay frozen (no gradient ever reaches them; `MixedClassifier` turns ``requires_grad``
 off and keeps them in eval mode), so their parameters are bit-identical after training.
-The adversary here is training data generation with per-example radius and weight, which the
-native engines (one radius per call) do not take; evaluation never uses it (`attacks.mixing`).
+The adversary runs on the attack layer's PGD engine with per-example radii, steps and momentum
+(`attacks.native.training_adversary`); evaluation uses the full adaptive suite (`attacks.mixing`).
 """
 
 from __future__ import annotations
@@ -36,8 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attacks.objectives import loss_function
+from attacks.native import training_adversary
+from attacks.objectives import ObjectiveOutput, loss_function
 from bastion.errors import ConfigError
+from bastion.threat import ThreatModel
 from bastion.train import ObjectiveParams, StepContext, StepResult, param_float, param_int, register_objective
 from defenses.adaptive_smoothing import MixedClassifier
 
@@ -103,39 +105,30 @@ def _uniform(n: int, lo: float, hi: float, g: torch.Generator, device) -> torch.
     return lo + (hi - lo) * torch.rand(n, generator=g, device=g.device).to(device)
 
 
+class _CompositeAllSteps:
+    """``(1 - w_i) L(f(x'), y[, t]) + w_i softplus(-gamma(x'))`` to maximise, never a success (every
+    example takes every step: training wants a diverse adversary, not the first crossing)."""
+
+    def __init__(self, loss: str, weight: torch.Tensor):
+        self.fn = loss_function(loss)
+        self.weight = weight
+
+    def __call__(self, model, x, y, target):
+        logp, gamma = model.forward_with_mixing(x)
+        w = self.weight  # (B,): examples are never dropped (no success)
+        obj = (1 - w) * self.fn(logp, y, target) + w * F.softplus(-gamma)
+        return ObjectiveOutput(obj, logp, torch.zeros(x.shape[0], dtype=torch.bool, device=x.device))
+
+
 def randomized_composite_pgd(model: MixedClassifier, x: torch.Tensor, y: torch.Tensor, loss: str,
                              target: torch.Tensor | None, eps: torch.Tensor, weight: torch.Tensor, steps: int,
                              step_factor: float, momentum: float, norm: str, generator: torch.Generator
                              ) -> torch.Tensor:
-    """PGD with momentum on ``(1 - w_i) L(f(x'), y[, t]) + w_i softplus(-gamma(x'))`` inside per-example
-    balls of radius ``eps`` (B,) and [0, 1]; every example takes every step (training wants the
-    last iterate of a diverse adversary). Returns detached x' (B, C, H, W)."""
-    fn = loss_function(loss)
-    shape = (-1,) + (1,) * (x.dim() - 1)
-    e = eps.view(shape)
-    step = (step_factor * eps / steps).view(shape)
-    u = torch.rand(x.shape, generator=generator, device=generator.device).to(x.device) * 2 - 1
-    if norm == "l2":  # a point of the unit l2 ball
-        u = u / u.flatten(1).norm(dim=1).clamp_min(1e-12).view(shape) * torch.rand(
-            x.shape[0], generator=generator, device=generator.device).to(x.device).view(shape)
-    xa = (x + e * u).clamp(0, 1)
-    buf = torch.zeros_like(x)
-    for _ in range(steps):
-        xa = xa.detach().requires_grad_(True)
-        logp, gamma = model.forward_with_mixing(xa)
-        obj = (1 - weight) * fn(logp, y, target) + weight * F.softplus(-gamma)
-        (g,) = torch.autograd.grad(obj.sum(), xa)
-        with torch.no_grad():
-            if norm == "linf":
-                buf = momentum * buf + g / g.abs().flatten(1).mean(1).clamp_min(1e-12).view(shape)
-                d = (xa + step * buf.sign()) - x
-                d = torch.maximum(torch.minimum(d, e), -e)
-            else:
-                buf = momentum * buf + g / g.flatten(1).norm(dim=1).clamp_min(1e-12).view(shape)
-                d = (xa + step * buf / buf.flatten(1).norm(dim=1).clamp_min(1e-12).view(shape)) - x
-                d = d * (e / d.flatten(1).norm(dim=1).clamp_min(1e-12).view(shape)).clamp(max=1)
-            xa = (x + d).clamp(0, 1)
-    return xa.detach()
+    """Composite PGD with momentum inside per-example balls of radius ``eps`` (B,) and [0, 1], on the
+    attack layer's one PGD engine (`attacks.native.training_adversary`). Returns detached x'."""
+    threat = ThreatModel(norm, float(eps.max()))
+    return training_adversary(model, x, y, _CompositeAllSteps(loss, weight), threat, steps, step_factor * eps / steps,
+                              generator, target=target, eps=eps, momentum=momentum)
 
 
 class MixingObjectiveTrainer:
