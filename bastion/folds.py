@@ -82,7 +82,27 @@ def _fold_robust(records: list[BaseRecord], ctx: FoldContext) -> list[dict[str, 
     metrics["attacks"] = [d for d in ctx.probes.values() if d.get("kind") == "robust"]
     if ctx.model:
         metrics["model"] = ctx.model
-    return [section("robustness", ctx.title, metrics)]
+    sections = [section("robustness", ctx.title, metrics)]
+    sections += _min_norm_sections(records, ctx, metrics)
+    return sections
+
+
+def _min_norm_sections(records: list[BaseRecord], ctx: FoldContext, metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """Robust accuracy vs eps from one minimum-norm run (attacks/evaluation.py), beside the fixed-eps numbers."""
+    from bastion.metrics import min_norm_curves
+    from bastion.report import section
+
+    curves = min_norm_curves(records, ctx.probes)
+    if not curves:
+        return []
+    metrics["min_norm"] = curves
+    out = []
+    for norm in sorted({c["norm"] for c in curves.values()}):
+        models = {f"{t} ({', '.join(c['attacks'])}; median norm {c['median_norm']:.4g})"
+                  if c["median_norm"] is not None else t: c["curve"] for t, c in curves.items() if c["norm"] == norm}
+        out.append(section("robustness_curves", f"{ctx.title}: robust accuracy vs {norm} eps from minimum-norm attacks",
+                           {"models": models, "norm": norm}))
+    return out
 
 
 register_fold("robust", _fold_robust, kinds=("clean", "robust"))

@@ -193,3 +193,52 @@ def coverage_and_size(sets: Sequence[Sequence[int]], labels: Sequence[int]) -> d
     cov = [int(y) in set(s) for s, y in zip(sets, labels)]
     return {"coverage": float(np.mean(cov)) if cov else 0.0,
             "mean_set_size": float(np.mean([len(s) for s in sets])) if sets else 0.0}
+
+
+def min_norm_curves(records: Iterable[Record | BaseRecord], probes: dict[str, dict[str, Any]] | None = None,
+                    points: int = 16) -> dict[str, Any]:
+    """Robust accuracy vs eps from the per-example minimal perturbation norms (``min_norm``) of
+    robust records whose probe ran minimum-norm attacks: one curve per threat model (norm and
+    radius), at ``points + 1`` radii from 0 to twice the largest eps of that norm.
+
+    accuracy(r) = mean over examples with a clean record of ``clean correct AND (no adversarial
+    perturbation found OR min_norm > r)``; examples not attacked by such a probe are left out
+    (``n``). Returns {threat: {"norm", "eps", "attacks", "n", "median_norm", "curve": {r: acc}}}."""
+    clean: dict[int, bool] = {}
+    by_threat: dict[str, dict[int, float | None]] = defaultdict(dict)
+    for r in _as_dicts(records):
+        if r.get("kind") == "clean":
+            clean[int(r["index"])] = bool(r["correct"])
+    mn_probes = {name for name, d in (probes or {}).items() if d.get("minimum_norm")}
+    attacks: dict[str, list[str]] = {}
+    for d in (probes or {}).values():
+        if d.get("minimum_norm"):
+            attacks.setdefault(str(d.get("threat")), []).extend(d["minimum_norm"])
+    for r in _as_dicts(records):
+        if r.get("kind") != "robust" or (probes is not None and r.get("probe") not in mn_probes):
+            continue
+        if probes is None and r.get("min_norm") is None:
+            continue
+        i, t = int(r["index"]), str(r["threat"])
+        v = r.get("min_norm")
+        old = by_threat[t].get(i, float("inf"))
+        by_threat[t][i] = min(old, float("inf") if v is None else float(v))
+    from bastion.threat import ThreatModel
+
+    out: dict[str, Any] = {}
+    top: dict[str, float] = defaultdict(float)  # one radius grid per norm (the largest eps of that norm)
+    for t in by_threat:
+        tm = ThreatModel.parse(t)
+        top[tm.norm] = max(top[tm.norm], tm.eps)
+    for t in sorted(by_threat, key=_threat_sort_key):
+        tm = ThreatModel.parse(t)
+        norms = [by_threat[t][i] if clean.get(i, False) else 0.0 for i in by_threat[t] if i in clean]
+        if not norms:
+            continue
+        arr = np.asarray(norms, dtype=float)
+        radii = [top[tm.norm] * 2 * k / points for k in range(points + 1)]
+        found = arr[np.isfinite(arr) & (arr > 0)]
+        out[t] = {"norm": tm.norm, "eps": tm.eps, "attacks": sorted(set(attacks.get(t, []))), "n": int(arr.size),
+                  "median_norm": float(np.median(found)) if found.size else None,
+                  "curve": {f"{r:.6g}": float(np.mean(arr > r)) for r in radii}}
+    return out
