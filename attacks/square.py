@@ -1,7 +1,7 @@
 """Square attack (Andriushchenko et al., ECCV 2020), L-inf, native: a gradient-free random search.
 
-As AutoAttack's ``square`` (pyautoattack ``SquareAttack``, margin loss, ``p_init`` 0.8 and the
-rescaled schedule): start from vertical stripes of +-eps; at query i, every example still
+As AutoAttack's ``square`` (pyautoattack ``SquareAttack``, margin loss, ``p_init`` 0.8 and its
+square-size schedule): start from vertical stripes of +-eps; at query i, every example still
 robust proposes a square of side ``s = round(sqrt(p_i * n_features / channels))`` (one window
 position per query for the batch, a random sign per channel) added to its best point and clipped
 to the ball and the box; the proposal is kept when it lowers the margin loss
@@ -75,6 +75,7 @@ class Square(Attack):
 
     config_class = SquareConfig
     gradient_free = True
+    supports_targeted = False
     cost_rank = 80
 
     def __init__(self, config: SquareConfig, name: str | None = None):
@@ -82,8 +83,6 @@ class Square(Attack):
         if config.threat.norm != "linf":
             raise ConfigError(f"native square attacks linf balls (got {config.threat}); for l2 use "
                               "autoattack with version='custom', attacks=['square']")
-        if config.targeted:
-            raise ConfigError("native square has no targeted mode")
 
     def _run(self, model, x, y, y_target, generator):
         cfg = self.config
