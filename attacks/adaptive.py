@@ -10,6 +10,9 @@ apgd-t, ...), never a copy of them:
   ``alpha = sigmoid(gamma(x))`` (adaptive smoothing): maximise
   ``(1 - w) * L(f(x)) + w * BCE(gamma(x), 1)``; the second term drives alpha down, towards the
   non-robust base, so the attack reaches through the mixing network.
+- `bpda(model, forward, backward=None)`: a model wrapper (not an objective) for defenses with a
+  non-differentiable input transformation: gradients through ``backward`` (straight-through when
+  None), outputs unchanged; the remedy for the ``zero_gradient`` / ``black_box_win`` flags.
 - `SmoothedObjective`: SmoothAdv (Salman et al. 2019): cross-entropy of the soft smoothed
   classifier, ``-log mean_m softmax(f(x + sigma * n_m))_y`` over m Gaussian draws; the
   prediction attacked is the argmax of that averaged softmax.
@@ -173,3 +176,63 @@ class SmoothAdv(PGD):
 
 
 register_attack("smoothadv", SmoothAdv, steps=20, random_start=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# BPDA / straight-through (Athalye et al. 2018, "Obfuscated gradients give a false sense of security")
+# ---------------------------------------------------------------------------------------------
+
+class _StraightThrough(torch.autograd.Function):
+    """forward(x) in the forward pass, the gradient of backward(x) in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, x, fwd, bwd):
+        ctx.bwd = bwd
+        ctx.save_for_backward(x)
+        with torch.no_grad():
+            return fwd(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        if ctx.bwd is None:  # identity
+            return g, None, None
+        with torch.enable_grad():
+            xx = x.detach().requires_grad_(True)
+            (gx,) = torch.autograd.grad(ctx.bwd(xx), xx, g)
+        return gx, None, None
+
+
+class BPDA(nn.Module):
+    """``model(forward(x))`` whose gradient treats ``forward`` as ``backward`` (identity by
+    default): Backward Pass Differentiable Approximation. Output equals the defended model's;
+    only gradients change, so attacks built on it are scored on the real model. A random
+    ``forward`` (random resizing, noise) composes with EOT: use ``eot_iter`` > 1 (eot-pgd, eot-apgd)."""
+
+    def __init__(self, model: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor],
+                 backward: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        super().__init__()
+        self.model = model
+        self.fwd = forward
+        self.bwd = backward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return self.model(_StraightThrough.apply(x, self.fwd, self.bwd))
+        return self.model(self.fwd(x))
+
+
+def bpda(model: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor],
+         backward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> BPDA:
+    """Wrap a classifier behind a non-differentiable input transformation for gradient attacks.
+
+    model: the classifier after the transformation; forward: the transformation the defended
+    model applies (quantization, JPEG, denoising, thermometer encoding ...); backward: a
+    differentiable approximation of it used for gradients only (None: the identity, i.e.
+    straight-through). ``bpda(classifier, quantize)`` is the defended model ``classifier(quantize(x))``
+    with usable gradients::
+
+        atk = create_attack("pgd", "linf:0.1", steps=50)
+        x_adv = atk(bpda(classifier, quantize), x, y)      # then evaluate on the defended model
+    """
+    return BPDA(model, forward, backward)
