@@ -136,3 +136,20 @@ def test_autoattack_float64_and_warnings_whatever_the_logger_level(mlp, digits):
     assert atk.config.restarts == 1
     alias = create_attack("autoattack", "linf:0.1", n_restarts=2)
     assert alias.config.restarts == 2
+
+
+def test_autoattack_native_follows_the_protocol(mlp, digits):
+    x, y = digits[1].images[:60], digits[1].labels[:60]
+    threat = ThreatModel.parse("linf:0.1")
+    kw = dict(steps=10, n_target_classes=3, n_queries=100)
+    res = create_attack("autoattack-native", threat, **kw).run(mlp, x, y)
+    threat.check(x, res.x_adv)
+    ref = create_attack("autoattack", threat, version="custom", attacks=("apgd-ce", "apgd-t", "fab-t", "square"),
+                        restarts=1, **kw).run(mlp, x, y)
+    acc = (mlp(res.x_adv).argmax(1) == y).float().mean().item()
+    acc_ref = (mlp(ref.x_adv).argmax(1) == y).float().mean().item()
+    assert abs(acc - acc_ref) <= 0.05, (acc, acc_ref)
+    assert set(filter(None, res.broken_by)) <= {"apgd-ce", "apgd-t", "fab-t", "square"}
+    assert res.broken_by.count("apgd-ce") > 0
+    with pytest.raises(Exception, match="parts"):
+        create_attack("autoattack-native", threat, parts=("pgd",))
