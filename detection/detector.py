@@ -84,6 +84,24 @@ class DetectorScore(nn.Module):
         return (value - self.center) / self.scale
 
 
+class Thresholded:
+    """What every detector shares: a threshold at a chosen FPR and the standardized differentiable
+    score that detector-aware attacks follow."""
+
+    def set_threshold(self, natural_scores: np.ndarray, fpr: float) -> float:
+        """Threshold at ``fpr`` on natural (calibration) scores; their mean/std standardize the
+        score the adaptive attack sees."""
+        s = np.asarray(natural_scores, dtype=np.float64)
+        self.threshold = threshold_at_fpr(s, fpr)
+        self.center, self.scale = float(s.mean()), float(s.std()) or 1.0
+        return self.threshold
+
+    def differentiable(self, center: float | None = None, scale: float | None = None) -> DetectorScore:
+        """``x -> (score - center) / scale`` (default: the calibration mean/std)."""
+        return DetectorScore(self, getattr(self, "center", 0.0) if center is None else center,
+                             getattr(self, "scale", 1.0) if scale is None else scale)
+
+
 class EPSExtractor:
     """EPS with one score model and K levels; ``key`` identifies extractors that give equal features."""
 
@@ -104,7 +122,7 @@ class EPSExtractor:
             return eps_features(self.score_model, x.to(dev), self.levels, generator, self.batch)
 
 
-class EPSDetector:
+class EPSDetector(Thresholded):
     """EPS-AD (``kind="deep"``) and its baselines (``gaussian``, ``norm``) on one `EPSExtractor`."""
 
     def __init__(self, extractor: EPSExtractor, kind: str = "deep", *, reference_size: int = 500,
@@ -187,19 +205,6 @@ class EPSDetector:
     def score(self, x: torch.Tensor, generator: torch.Generator | None = None) -> np.ndarray:
         with torch.no_grad():
             return self.score_features(self.features(x, generator)).cpu().numpy()
-
-    def set_threshold(self, natural_scores: np.ndarray, fpr: float) -> float:
-        """Threshold at ``fpr`` on natural (calibration) scores; their mean/std standardize the
-        score the adaptive attack sees."""
-        s = np.asarray(natural_scores, dtype=np.float64)
-        self.threshold = threshold_at_fpr(s, fpr)
-        self.center, self.scale = float(s.mean()), float(s.std()) or 1.0
-        return self.threshold
-
-    def differentiable(self, center: float | None = None, scale: float | None = None) -> DetectorScore:
-        """``x -> (score - center) / scale`` (default: the calibration mean/std)."""
-        return DetectorScore(self, getattr(self, "center", 0.0) if center is None else center,
-                             getattr(self, "scale", 1.0) if scale is None else scale)
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "kind": f"eps-{self.kind}", "levels": self.extractor.levels,

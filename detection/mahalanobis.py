@@ -28,7 +28,7 @@ from torch import nn
 
 from bastion.errors import ConfigError
 from bastion.metrics import auroc
-from detection.detector import DetectorScore, threshold_at_fpr
+from detection.detector import Thresholded
 
 MAGNITUDES = (0.0, 0.01, 0.005, 0.002, 0.0014, 0.001, 0.0005)
 
@@ -49,7 +49,7 @@ def default_layers(model: nn.Module) -> list[str]:
     return names
 
 
-class MahalanobisDetector:
+class MahalanobisDetector(Thresholded):
     """Lee et al.'s detector on a classifier's layers (names of ``classifier.named_modules()``)."""
 
     def __init__(self, classifier: nn.Module, layers: Sequence[str] | None = None,
@@ -185,19 +185,6 @@ class MahalanobisDetector:
     def score(self, x: torch.Tensor, generator: torch.Generator | None = None) -> np.ndarray:
         with torch.no_grad():
             return self.score_features(self.features(x)).cpu().numpy()
-
-    def set_threshold(self, natural_scores: np.ndarray, fpr: float) -> float:
-        """Threshold at ``fpr`` on natural (calibration) scores; their mean/std standardize the
-        score the adaptive attack sees."""
-        s = np.asarray(natural_scores, dtype=np.float64)
-        self.threshold = threshold_at_fpr(s, fpr)
-        self.center, self.scale = float(s.mean()), float(s.std()) or 1.0
-        return self.threshold
-
-    def differentiable(self, center: float | None = None, scale: float | None = None) -> DetectorScore:
-        """``x -> (score - center) / scale`` (default: the calibration mean/std)."""
-        return DetectorScore(self, getattr(self, "center", 0.0) if center is None else center,
-                             getattr(self, "scale", 1.0) if scale is None else scale)
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "kind": "mahalanobis", "layers": self.layers, "magnitude": self.magnitude,
