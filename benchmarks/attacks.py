@@ -10,7 +10,15 @@ On a fixed model (small CNN trained on digits with a fixed seed) and the digits 
     most examples break early and at one where none break;
 (b) Bastion's ``autoattack`` (standard version) vs pyautoattack's ``AutoAttack`` called directly
     with the same seed: robust accuracy of each and the overhead;
-(c) the fraction of each attack's wall time spent inside the model's forward and backward passes.
+(c) the fraction of each attack's wall time spent inside the model's forward and backward passes;
+(d) minimum-norm attacks: native FMN (L2, L-inf) and DDN against the same algorithms in adv-lib
+    0.2.8 and foolbox 3.3.4 (benchmark-only dependencies; adv-lib imports visdom for its logger,
+    stubbed here), median minimal norm over the clean-correct examples and wall time, same steps;
+(e) native Square (L-inf) vs pyautoattack's Square, robust accuracy averaged over seeds;
+(f) ``autoattack-native`` vs the ``autoattack`` adapter (pyautoattack), side by side;
+(g) native PGD vs torchattacks PGD on a cheap MLP where none break (the none-break ratio).
+
+``--parts abcdefg`` picks sections.
 
 Times are medians of ``--repeats`` interleaved runs (CPU time of this process and wall time; on a
 busy shared machine the CPU time is the steadier one); one thread (``torch.set_num_threads(1)``).
@@ -118,6 +126,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer examples and repeats")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--parts", default="abcdefg", help="sections to run (letters a-g)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     import logging
@@ -137,7 +146,7 @@ def main(argv=None) -> int:
     checks: list[tuple[str, bool]] = []   # the issue's targets
 
     # (a) native PGD vs torchattacks PGD
-    for label, eps in (("most break early", 0.2), ("none break", 0.002)):
+    for label, eps in (("most break early", 0.2), ("none break", 0.002)) if "a" in args.parts else ():
         alpha = 2.5 * eps / k
         ours = create_attack("pgd", f"linf:{eps}", steps=k, step_size=alpha, restarts=1, seed=0)
         ta = torchattacks.PGD(model, eps=eps, alpha=alpha, steps=k, random_start=True)
@@ -165,22 +174,25 @@ def main(argv=None) -> int:
             return aa.run_standard_evaluation(xa_, ya_, batch_size=250)
 
     t_o, t_d = [], []
-    for _ in range(1 if args.quick else 2):
+    identical = None
+    for _ in range((1 if args.quick else 2) if "b" in args.parts else 0):
         t_o.append(timed(partial(ours_aa.run, model, xa_, ya_)))
         t_d.append(timed(direct))
-    res, xd = t_o[-1][2], t_d[-1][2][0]
-    a_o, a_d = robust_acc(model, res.x_adv, ya_), robust_acc(model, xd, ya_)
-    rows.append([f"(b) AutoAttack standard eps={eps_aa} (n={naa})", f"{a_o:.2f}", f"{a_d:.2f}"] + _times(t_o, t_d))
-    identical = torch.equal(res.x_adv, xd)
-    aa_ratio = statistics.median(t[0] for t in t_o) / statistics.median(t[0] for t in t_d)
-    checks.append(("(b) autoattack robust acc == pyautoattack's", a_o == a_d))
-    checks.append((f"(b) autoattack overhead: wall-time ratio {aa_ratio:.3f} <= 1.05", aa_ratio <= 1.05))
+    if t_o:
+        res, xd = t_o[-1][2], t_d[-1][2][0]
+        a_o, a_d = robust_acc(model, res.x_adv, ya_), robust_acc(model, xd, ya_)
+        rows.append([f"(b) AutoAttack standard eps={eps_aa} (n={naa})", f"{a_o:.2f}", f"{a_d:.2f}"]
+                    + _times(t_o, t_d))
+        identical = torch.equal(res.x_adv, xd)
+        aa_ratio = statistics.median(t[0] for t in t_o) / statistics.median(t[0] for t in t_d)
+        checks.append(("(b) autoattack robust acc == pyautoattack's", a_o == a_d))
+        checks.append((f"(b) autoattack overhead: wall-time ratio {aa_ratio:.3f} <= 1.05", aa_ratio <= 1.05))
 
     # (c) fraction of wall time inside the model's forward + backward
     fractions = []
     cases = (("native pgd-20 eps=0.2", "pgd", 0.2, k), ("native pgd-20 eps=0.002", "pgd", 0.002, k),
              ("native apgd-ce-100 eps=0.1", "apgd-ce", 0.1, 100), ("torchattacks PGD-20 eps=0.002", None, 0.002, k))
-    for name, attack, eps, steps in cases:
+    for name, attack, eps, steps in cases if "c" in args.parts else ():
         clock = Clock()
         tm = Timed(model, clock)
         if attack is None:
@@ -189,6 +201,8 @@ def main(argv=None) -> int:
             fn = partial(create_attack(attack, f"linf:{eps}", steps=steps), tm, x, y)
         wall, _, _ = timed(fn)
         fractions.append((name, wall, clock.forward, clock.backward))
+
+    extra = extra_sections(model, x, y, args, repeats, checks)
 
     print(f"\nmodel: small_cnn on digits (clean accuracy {clean:.2f}% on {n} test images), 1 thread, "
           f"median of {repeats} runs\n")
@@ -203,10 +217,138 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|")
     for name, t, fw, bw in fractions:
         print(f"| {name} | {t:.3f} | {fw:.3f} | {bw:.3f} | {100 * (fw + bw) / t:.1f}% |")
+    for title, header_x, rows_x in extra:
+        print(f"\n{title}\n")
+        print("| " + " | ".join(header_x) + " |")
+        print("|" + "---|" * len(header_x))
+        for r in rows_x:
+            print("| " + " | ".join(str(c) for c in r) + " |")
     print("\n| target | met |\n|---|---|")
     for what, ok in checks:
         print(f"| {what} | {'yes' if ok else 'NO'} |")
     return 0 if all(ok for _, ok in checks) else 1
+
+
+def _median_norm(norms: torch.Tensor) -> float:
+    found = norms[torch.isfinite(norms) & (norms > 0)]
+    return float(found.median()) if found.numel() else float("inf")
+
+
+def _mlp(seed: int = 0) -> nn.Module:
+    tr = load_dataset("digits", "train")
+    torch.manual_seed(seed)
+    model = create_model("mlp", 10, 1, 8, hidden=(64,))
+    cfg = TrainConfig(epochs=10, batch_size=128, optimizer="adam", lr=1e-2, weight_decay=0.0,
+                      schedule="constant", seed=seed)
+    return fit(model, tr, StandardObjective(), cfg, quiet=True).model.eval()
+
+
+def extra_sections(model, x, y, args, repeats, checks) -> list:
+    """Sections (d)-(g); each returns (title, header, rows) and appends its targets to ``checks``."""
+    out = []
+    with torch.no_grad():
+        ok = model(x).argmax(1) == y
+    xc, yc = x[ok], y[ok]
+    if "d" in args.parts:
+        import types
+
+        sys.modules.setdefault("visdom", types.ModuleType("visdom"))
+        sys.modules["visdom"].Visdom = object  # adv-lib imports visdom only for its optional logger
+        import foolbox as fb
+        from adv_lib.attacks import ddn as al_ddn
+        from adv_lib.attacks import fmn as al_fmn
+
+        fmodel = fb.PyTorchModel(model, bounds=(0, 1))
+        steps = 100
+        cases = [("FMN L2", "fmn-l2", "l2:100", partial(al_fmn, norm=2, steps=steps),
+                  fb.attacks.L2FMNAttack(steps=steps)),
+                 ("FMN L-inf", "fmn-linf", "linf:1", partial(al_fmn, norm=float("inf"), steps=steps),
+                  fb.attacks.LInfFMNAttack(steps=steps)),
+                 ("DDN L2", "ddn", "l2:100", partial(al_ddn, steps=steps, levels=None),
+                  fb.attacks.DDNAttack(steps=steps))]
+        rows = []
+        for label, name, threat, al, fba in cases:
+            norm = threat.split(":")[0]
+            t_o = timed(partial(create_attack(name, threat, steps=steps).run, model, xc, yc))
+            t_a = timed(partial(al, model, xc, yc))
+            t_f = timed(lambda fba=fba: fba(fmodel, xc, yc, epsilons=None)[0])
+
+            def norms_of(xa, norm=norm):
+                from bastion.threat import lp_norm
+
+                with torch.no_grad():
+                    adv = model(xa).argmax(1) != yc
+                n = lp_norm(xa - xc, norm)
+                return torch.where(adv, n, torch.full_like(n, float("inf")))
+
+            m_o, m_a, m_f = _median_norm(t_o[2].norms), _median_norm(norms_of(t_a[2])), _median_norm(norms_of(t_f[2]))
+            rows.append([label, f"{m_o:.4f}", f"{m_a:.4f}", f"{m_f:.4f}", f"{t_o[0]:.2f}", f"{t_a[0]:.2f}",
+                         f"{t_f[0]:.2f}", f"{t_o[0] / t_a[0]:.2f}", f"{t_o[0] / t_f[0]:.2f}"])
+            checks.append((f"(d) {label}: median minimal norm {m_o:.4f} <= adv-lib {m_a:.4f} and foolbox {m_f:.4f}",
+                           m_o <= min(m_a, m_f) + 1e-4))
+        out.append((f"(d) minimum-norm attacks, {steps} steps, {len(yc)} clean-correct examples",
+                    ["attack", "median norm Bastion", "adv-lib", "foolbox", "wall s Bastion", "wall s adv-lib",
+                     "wall s foolbox", "ratio vs adv-lib", "ratio vs foolbox"], rows))
+    if "e" in args.parts:
+        from pyautoattack import AutoAttack
+
+        seeds = 2 if args.quick else 5
+        rows = []
+        for eps, nq in ((0.1, 1000), (0.2, 1000)):
+            ours, theirs, to, tt = [], [], [], []
+            for seed in range(seeds):
+                t = timed(partial(create_attack("square", f"linf:{eps}", n_queries=nq, seed=seed).run, model, x, y))
+                ours.append(robust_acc(model, t[2].x_adv, y))
+                to.append(t)
+                aa = AutoAttack(model, attacks=["square"], version="custom", eps=eps, seed=seed)
+                aa.square.n_queries = nq
+                with torch.random.fork_rng():
+                    t2 = timed(partial(aa.run_standard_evaluation, x, y))
+                theirs.append(robust_acc(model, t2[2][0], y))
+                tt.append(t2)
+            mo, mt = statistics.mean(ours), statistics.mean(theirs)
+            rows.append([f"linf:{eps}, {nq} queries, {seeds} seeds", f"{mo:.2f}", f"{mt:.2f}",
+                         f"{statistics.pstdev(ours):.2f}", f"{statistics.pstdev(theirs):.2f}"] + _times(to, tt)[3:])
+            checks.append((f"(e) square linf:{eps}: native {mo:.2f} within 0.5 pts of pyautoattack {mt:.2f}",
+                           abs(mo - mt) <= 0.5))
+        out.append(("(e) native Square vs pyautoattack Square (robust accuracy %, mean over seeds)",
+                    ["setting", "Bastion", "pyautoattack", "std Bastion", "std pyautoattack", "wall s Bastion",
+                     "wall s pyautoattack", "wall ratio"], rows))
+    if "f" in args.parts:
+        n = 60 if args.quick else 150
+        rows = []
+        for threat in ("linf:0.1", "l2:0.5"):
+            t_n = timed(partial(create_attack("autoattack-native", threat, seed=0, progress=False).run, model,
+                                x[:n], y[:n]))
+            t_a = timed(partial(create_attack("autoattack", threat, seed=0, progress=False).run, model, x[:n], y[:n]))
+            a_n, a_a = robust_acc(model, t_n[2].x_adv, y[:n]), robust_acc(model, t_a[2].x_adv, y[:n])
+            rows.append([threat, f"{a_n:.2f}", f"{a_a:.2f}", f"{t_n[0]:.1f}", f"{t_a[0]:.1f}",
+                         f"{t_n[0] / t_a[0]:.2f}"])
+            checks.append((f"(f) autoattack-native {threat}: {a_n:.2f} within 0.5 pts of {a_a:.2f}",
+                           abs(a_n - a_a) <= 0.5))
+            checks.append((f"(f) autoattack-native {threat}: wall ratio {t_n[0] / t_a[0]:.2f} <= 0.5",
+                           t_n[0] / t_a[0] <= 0.5))
+        out.append((f"(f) autoattack-native vs autoattack (pyautoattack), standard settings, n={n}",
+                    ["threat", "robust % native", "robust % pyautoattack", "wall s native", "wall s pyautoattack",
+                     "wall ratio"], rows))
+    if "g" in args.parts:
+        import torchattacks
+
+        mlp = _mlp()
+        eps, k = 0.002, args.steps
+        ours = create_attack("pgd", f"linf:{eps}", steps=k, step_size=2.5 * eps / k, seed=0)
+        ta = torchattacks.PGD(mlp, eps=eps, alpha=2.5 * eps / k, steps=k, random_start=True)
+        t_o, t_t = [], []
+        for r in range(repeats):
+            t_o.append(timed(partial(ours, mlp, x, y)))
+            torch.manual_seed(r)
+            t_t.append(timed(partial(ta, x, y)))
+        ratio = statistics.median(t[0] for t in t_o) / statistics.median(t[0] for t in t_t)
+        checks.append((f"(g) MLP none-break: wall-time ratio {ratio:.3f} <= 1.1", ratio <= 1.1))
+        out.append(("(g) native PGD vs torchattacks PGD on an MLP (none break)",
+                    ["setting", "CPU s Bastion", "CPU s reference", "CPU ratio", "wall s Bastion",
+                     "wall s reference", "wall ratio"], [[f"PGD-{k} eps={eps}"] + _times(t_o, t_t)]))
+    return out
 
 
 if __name__ == "__main__":
