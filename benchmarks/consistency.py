@@ -1,6 +1,6 @@
 """Per-noise-sample inference cost: rRCM base classifier vs diffusion denoised smoothing, side by side.
 
-    python benchmarks/consistency.py [--device cuda] [--batch 1000] [--repeats 5] [--image-size 8]
+    python -m benchmarks.consistency [--device cuda] [--batch 1000] [--repeats 5] [--image-size 8]
 
 Both base classifiers are built at the digits comparison's sizes (spec section 9 MLP encoder + linear
 head; diffusers UNet2DModel (16, 32) eps-model + MLP classifier), fed the same batch on the same device,

@@ -118,3 +118,19 @@ def test_inference_costs_side_by_side():
     c = inference_costs({"a": RRCMClassifier(TINY, SHAPE, 4, 0.25), "b": ConstantClassifier(4)}, SHAPE, "cpu",
                         batch=16, repeats=1)
     assert c["a"]["flops"] > 0 and c["a"]["wall_s_per_sample"] > 0
+
+
+def test_certify_report_flags_a_collapsed_model(data, tmp_path):
+    import defenses.consistency_fold  # noqa: F401
+    from bastion.report import renderer
+
+    _, test = data
+    doc = run_certification([Setting("const", ConstantClassifier(4, 1), 0.25, 4),
+                             Setting("rrcm", RRCMClassifier(TINY, SHAPE, 4, 0.25), 0.25, 4)], test.every(4),
+                            tmp_path / "c", CertifyOptions(n0=10, n=50, batch=50), quiet=True)
+    assert doc["sections"][0]["type"] == "certification"
+    sec = next(s for s in doc["sections"] if s["type"] == "predicted_classes")
+    assert sec["data"]["collapsed"] == ["const"] or "const" in sec["data"]["collapsed"]
+    md, _ = renderer("predicted_classes")(sec)
+    assert "COLLAPSED" in md and "const" in md
+    assert "COLLAPSED" in (tmp_path / "c" / "report.md").read_text()

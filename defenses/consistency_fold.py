@@ -1,0 +1,46 @@
+"""The ``predicted_classes`` fold: a predicted-class histogram per certify/predict setting, with a
+flag on any model whose most frequent class takes more than half of its (non-abstained)
+predictions. A collapsed base classifier (one class everywhere) is certified by CERTIFY at the
+largest radius for that class, so its certified accuracy equals the class frequency at every radius
+and nothing else in the report shows it (consistency-smoothing.md section 9, lesson 2).
+
+Registered after the ``certify`` fold (so ``certification`` stays the first section); list this module
+in the ``bastion.plugins`` entry points to add the section to every certify run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import certify.folds  # noqa: F401  (the certification section first)
+from bastion.folds import FoldContext, register_fold
+from bastion.records import BaseRecord
+from bastion.report import md_table, register_renderer, section
+from defenses.consistency_report import predicted_class_histogram
+
+
+def fold_predicted_classes(records: list[BaseRecord], ctx: FoldContext) -> list[dict[str, Any]]:
+    k = len(ctx.class_names) or (max(r.label for r in records) + 1)
+    by: dict[str, list[BaseRecord]] = {}
+    for r in records:
+        by.setdefault(r.probe, []).append(r)
+    rows = [{"name": n, **predicted_class_histogram(rs, k)} for n, rs in by.items()]
+    return [section("predicted_classes", "Predicted classes per setting (flag: one class > 50%)",
+                    {"class_names": list(ctx.class_names), "settings": rows,
+                     "collapsed": [r["name"] for r in rows if r["collapsed"]]})]
+
+
+def render_predicted_classes(sec: dict[str, Any]) -> tuple[str, list]:
+    d = sec["data"]
+    body = [[r["name"], " ".join(map(str, r["counts"])), r["abstain"],
+             f"{100 * r['top_share']:.0f}% (class {r['top_class']})", "COLLAPSED" if r["collapsed"] else "ok"]
+            for r in d["settings"]]
+    md = [f"## {sec['title']}", "", md_table(["setting", "counts per class", "abstain", "top share", "flag"], body)]
+    if d["collapsed"]:
+        md += ["", f"**Collapsed base classifier(s): {', '.join(d['collapsed'])}** - certified accuracy equals the "
+                   f"frequency of one class; do not read it as robustness."]
+    return "\n".join(md), []
+
+
+register_fold("predicted_classes", fold_predicted_classes, kinds=("certify", "predict"))
+register_renderer("predicted_classes", render_predicted_classes)
