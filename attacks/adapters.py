@@ -68,7 +68,7 @@ AA_GRADIENT_FREE = ("square",)
 _AA_ORDER = {"standard": ("apgd-ce", "apgd-t", "fab-t", "square"),
              "plus": ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"),
              "rand": ("apgd-ce", "apgd-dlr")}
-_AA_NORMS = {"linf": "Linf", "l2": "L2"}
+_AA_NORMS = {"linf": "Linf", "l2": "L2", "l1": "L1"}
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ class AutoAttackConfig(AttackConfig):
         if self.version != "custom" and self.attacks:
             raise ConfigError(f"autoattack attacks=[...] needs version='custom' (version {self.version!r} fixes them)")
         if self.threat.norm not in _AA_NORMS:
-            raise ConfigError(f"autoattack supports linf and l2, not {self.threat.norm}")
+            raise ConfigError(f"autoattack supports linf, l2 and l1, not {self.threat.norm}")
         if self.step_size is not None or self.loss != "ce":
             raise ConfigError("autoattack is parameter-free: step_size and loss are not used "
                               "(use steps, restarts, n_target_classes, n_queries)")
@@ -359,7 +359,17 @@ class TorchattacksAdapter(Attack):
         return out
 
     def _run(self, model, x, y, y_target, generator):
+        import numpy as np
+
         sink = io.StringIO()
+        np_state = np.random.get_state()  # OnePixel (scipy's differential evolution) draws from numpy
+        np.random.seed(int(torch.randint(0, 2 ** 31 - 1, (1,), generator=generator, device=generator.device)))
+        try:
+            return self._run_seeded(model, x, y, y_target, sink)
+        finally:
+            np.random.set_state(np_state)
+
+    def _run_seeded(self, model, x, y, y_target, sink):
         with contextlib.redirect_stdout(sink):  # torchattacks prints status messages
             atk = self._cls(model, **self._kwargs)
             atk.set_device(x.device)

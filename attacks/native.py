@@ -12,6 +12,10 @@ One engine per update rule, shared by every loss and composite objective:
   Transformation) for randomized models; success then means a majority of the k draws
   mispredict.
 
+Threat models linf, l2 and l1 (l1: AutoAttack's sparse step on the top ``L1_SPARSITY`` gradient
+coordinates, initial APGD step eps, exact projection onto the L1 ball and box; a simplified
+APGD-L1 with a fixed sparsity and without AutoAttack's large-eps restarts).
+
 APGD follows Croce & Hein (ICML 2020, "Reliable evaluation of adversarial robustness with an
 ensemble of diverse parameter-free attacks"): step size 2*eps, momentum 0.75 after the first
 step, checkpoints at w_j = ceil(p_j * N) with p_0 = 0, p_1 = 0.22,
@@ -77,9 +81,26 @@ def _bshape(x: torch.Tensor) -> tuple[int, ...]:
     return (-1,) + (1,) * (x.dim() - 1)
 
 
-def _direction(threat: ThreatModel, g: torch.Tensor) -> torch.Tensor:
+# share of coordinates an L1 step moves (at least one); AutoAttack adapts it per example, this
+# is fixed: 2% matched pyautoattack's APGD-L1 on digits (63.3% vs 66.0% robust at l1:1, 19.3%
+# vs 18.0% at l1:2, 150 examples), 20% left 85% / 50%
+L1_SPARSITY = 0.02
+
+
+def _direction(threat: ThreatModel, g: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+    """Unit step direction: sign (linf), normalized gradient (l2, l0), or for l1 the signs of the
+    largest ``L1_SPARSITY`` share of the gradient coordinates the box lets move, scaled to unit
+    L1 norm (AutoAttack's sparse L1 step)."""
     if threat.norm == "linf":
         return g.sign()
+    if threat.norm == "l1":
+        if x is not None:  # coordinates the [0, 1] box blocks in the ascent direction do not count
+            g = torch.where(((x <= 0) & (g < 0)) | ((x >= 1) & (g > 0)), torch.zeros_like(g), g)
+        flat = g.flatten(1)
+        k = max(1, int(round(L1_SPARSITY * flat.shape[1])))
+        thr = flat.abs().topk(k, dim=1).values[:, -1:]
+        sparse = torch.where(flat.abs() >= thr, flat.sign(), torch.zeros_like(flat))
+        return (sparse / sparse.abs().sum(1, keepdim=True).clamp_min(1)).view_as(g)
     return g / g.flatten(1).norm(dim=1).clamp_min(1e-12).view(_bshape(g))
 
 
@@ -273,7 +294,7 @@ def pgd_engine(model: nn.Module, x: torch.Tensor, y: torch.Tensor, objective: Ob
                     buf = momentum * buf + g / scale.clamp_min(1e-12).view(_bshape(g))
                     g = buf
                 stp = st.view(_bshape(xc)) if torch.is_tensor(st) else st
-                xn = xc + stp * _direction(threat, g)
+                xn = xc + stp * _direction(threat, g, xc)
                 xc = threat.project(x0, xn) if ee is None else _ball_project(threat, x0, xn, ee)
         out.keep_best(idx, best, xb)
     return out
@@ -360,7 +381,8 @@ def apgd_engine(model: nn.Module, x: torch.Tensor, y: torch.Tensor, objective: O
                 step_offset: int = 0, eta0: float | None = None, margin: float = 0.0) -> _Outcome:
     """Auto-PGD (see module docstring) on the examples ``out`` has not broken yet."""
     ckpts = set(apgd_checkpoints(steps))
-    eta_init = 2.0 * threat.eps if eta0 is None else eta0
+    # AutoAttack: initial step 2 * eps (linf, l2), eps for its sparse L1 steps
+    eta_init = (1.0 if threat.norm == "l1" else 2.0) * threat.eps if eta0 is None else eta0
     for r in range(restarts):
         idx = out.remaining()
         if idx.numel() == 0:
@@ -393,7 +415,7 @@ def apgd_engine(model: nn.Module, x: torch.Tensor, y: torch.Tensor, objective: O
             with torch.no_grad():
                 xk, x0 = st["xk"], st["x0"]
                 eta = st["eta"].view(shape)
-                z = threat.project(x0, xk + eta * _direction(threat, st["g"]))
+                z = threat.project(x0, xk + eta * _direction(threat, st["g"], xk))
                 if i > 0:
                     z = threat.project(x0, xk + 0.75 * (z - xk) + 0.25 * (xk - st["xprev"]))
                 st["xprev"], st["xk"] = xk, z

@@ -153,3 +153,20 @@ def test_autoattack_native_follows_the_protocol(mlp, digits):
     assert res.broken_by.count("apgd-ce") > 0
     with pytest.raises(Exception, match="parts"):
         create_attack("autoattack-native", threat, parts=("pgd",))
+
+
+def test_l1_end_to_end(mlp, digits, tmp_path):
+    """L1 threat model: native APGD-L1 and FMN-L1 inside the ball, as strong as pyautoattack's APGD-L1
+    within a few points, and through the evaluator."""
+    x, y = digits[1].images[:100], digits[1].labels[:100]
+    t = ThreatModel.parse("l1:2")
+    ours = create_attack("apgd-ce", t, steps=50).run(mlp, x, y)
+    t.check(x, ours.x_adv)
+    ref = create_attack("autoattack", t, version="custom", attacks=("apgd-ce",), steps=50, restarts=1).run(mlp, x, y)
+    t.check(x, ref.x_adv)
+    acc = (mlp(ours.x_adv).argmax(1) == y).float().mean().item()
+    acc_ref = (mlp(ref.x_adv).argmax(1) == y).float().mean().item()
+    assert acc <= acc_ref + 0.05, (acc, acc_ref)
+    doc = evaluate_model(mlp, digits[1].subset(slice(0, 30)), [CleanProbe(), AttackProbe(t, ["apgd-ce", "fmn-l1"])],
+                         tmp_path / "run", {"t": 1}, batch_size=15, quiet=True)
+    assert doc["robust"]["l1:2"]["accuracy"] < doc["clean"]["accuracy"]
