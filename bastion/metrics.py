@@ -95,9 +95,11 @@ FLAG_MESSAGES = {
     "probability_output": "model outputs look like probabilities on {n} example(s): attack logits, "
                           "not softmax outputs",
     "zero_gradient": "the loss gradient is exactly zero at {n} clean input(s): gradient-based attacks "
-                     "may be unreliable (gradient masking)",
+                     "may be unreliable (gradient masking); for non-differentiable preprocessing try "
+                     "attacks.adaptive.bpda(model, forward), for randomness EOT (eot-pgd, eot-apgd)",
     "black_box_win": "a gradient-free attack broke {n} example(s) that every white-box attack before it "
-                     "missed: possible gradient masking; try adaptive attacks",
+                     "missed: possible gradient masking; try adaptive attacks (attacks.adaptive.bpda for "
+                     "non-differentiable preprocessing, EOT for randomness)",
     "weaker_beats_stronger": "the strongest white-box attack failed on {n} example(s) that a weaker "
                              "attack broke: possible gradient masking or a weak configuration",
 }
