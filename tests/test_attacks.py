@@ -15,30 +15,13 @@ from attacks import AttackError, create_attack, list_attacks
 from attacks.adaptive import DetectorObjective, MixingObjective, SmoothedObjective
 from attacks.native import apgd_checkpoints
 from attacks.objectives import dlr_loss, margin_loss
-from bastion.data import load_dataset
 from bastion.errors import ConfigError
-from bastion.models import create_model
 from bastion.threat import ThreatModel
-from bastion.train import StandardObjective, TrainConfig, fit
 
 torch.set_num_threads(1)
 
 
 
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits", "train"), load_dataset("digits", "test")
-
-
-@pytest.fixture(scope="module")
-def mlp(digits):
-    """A small MLP trained on digits for a fraction of a second (~97% test accuracy)."""
-    torch.manual_seed(0)  # seeds the initialization too (fit seeds only what it draws)
-    model = create_model("mlp", 10, 1, 8, hidden=(64,))
-    cfg = TrainConfig(epochs=10, batch_size=128, optimizer="adam", lr=1e-2, weight_decay=0.0,
-                      schedule="constant", seed=0)
-    return fit(model, digits[0], StandardObjective(), cfg, quiet=True).model
 
 
 @pytest.fixture(scope="module")

@@ -14,29 +14,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from attacks import Attack, AttackConfig, AttackProbe, AttackResult, create_attack, sanity_flags
-from bastion.data import load_dataset
 from bastion.errors import ThreatModelViolation
 from bastion.evaluate import CleanProbe, evaluate_model
 from bastion.metrics import classification_metrics
-from bastion.models import create_model
 from bastion.threat import ThreatModel
-from bastion.train import StandardObjective, TrainConfig, fit
 
 torch.set_num_threads(1)
 
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits", "train"), load_dataset("digits", "test")
-
-
-@pytest.fixture(scope="module")
-def mlp(digits):
-    torch.manual_seed(0)
-    m = create_model("mlp", 10, 1, 8, hidden=(64,))
-    cfg = TrainConfig(epochs=10, batch_size=128, optimizer="adam", lr=1e-2, weight_decay=0.0,
-                      schedule="constant", seed=0)
-    return fit(m, digits[0], StandardObjective(), cfg, quiet=True).model
 
 
 class Noisy(nn.Module):

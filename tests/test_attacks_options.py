@@ -13,27 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from attacks import AttackProbe, create_attack
-from bastion.data import load_dataset
 from bastion.evaluate import CleanProbe, evaluate_model
-from bastion.models import create_model
 from bastion.threat import ThreatModel
-from bastion.train import StandardObjective, TrainConfig, fit
 
 torch.set_num_threads(1)
 
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits", "train"), load_dataset("digits", "test")
-
-
-@pytest.fixture(scope="module")
-def mlp(digits):
-    torch.manual_seed(0)
-    m = create_model("mlp", 10, 1, 8, hidden=(64,))
-    cfg = TrainConfig(epochs=10, batch_size=128, optimizer="adam", lr=1e-2, weight_decay=0.0,
-                      schedule="constant", seed=0)
-    return fit(m, digits[0], StandardObjective(), cfg, quiet=True).model.eval()
 
 
 def test_unbounded_third_party_attacks_count_only_inside_eps(mlp, digits, tmp_path):
