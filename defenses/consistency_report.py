@@ -172,6 +172,14 @@ def _cost_ratio(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
             "rrcm_flops": w("rrcm", "flops_per_sample"), "denoised_flops": w("denoised", "flops_per_sample")}
 
 
+def _best(envelopes: dict[str, Any], j: int) -> str:
+    """The method(s) with the highest envelope point at radius j ("tie" when every method shares it)."""
+    vals = {m: e["certified_accuracy"][j] for m, e in envelopes.items() if m != "constant"}
+    top = max(vals.values())
+    best = [m for m, v in vals.items() if v == top]
+    return f"tie ({100 * top:.1f})" if len(best) == len(vals) else " = ".join(best)
+
+
 def _ci(v: float, lo: float, hi: float) -> str:
     return f"{100 * v:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
 
@@ -202,10 +210,10 @@ def render_comparison(sec: dict[str, Any]) -> tuple[str, list]:
     parts += ["### Envelope (best over sigma)", "", md_table(ehdr, ebody), ""]
     if d["verdicts"] and d["verdicts"][0]["vs_rrcm"]:
         others = list(d["verdicts"][0]["vs_rrcm"])
-        vb = [[f"{v['radius']:g}", v["best"]] + [f"{100 * v['vs_rrcm'][m]['diff']:+.1f} "
+        vb = [[f"{v['radius']:g}", _best(d["envelopes"], j)] + [f"{100 * v['vs_rrcm'][m]['diff']:+.1f} "
                                                  f"[{100 * v['vs_rrcm'][m]['ci'][0]:+.1f}, "
                                                  f"{100 * v['vs_rrcm'][m]['ci'][1]:+.1f}]: {v['vs_rrcm'][m]['verdict']}"
-                                                 for m in others] for v in d["verdicts"]]
+                                                 for m in others] for j, v in enumerate(d["verdicts"])]
         parts += ["### Who wins where (envelopes; rRCM minus other, points, paired bootstrap)", "",
                   md_table(["radius", "best"] + [f"rrcm - {m}" for m in others], vb), ""]
     cr = d.get("cost_ratio")
