@@ -35,7 +35,7 @@ def render_predicted_classes(sec: dict[str, Any]) -> tuple[str, list]:
     body = [[r["name"], " ".join(map(str, r["counts"])), r["abstain"],
              f"{100 * r['top_share']:.0f}% (class {r['top_class']})", "COLLAPSED" if r["collapsed"] else "ok"]
             for r in d["settings"]]
-    md = [f"## {sec['title']}", "", md_table(["setting", "counts per class", "abstain", "top share", "flag"], body)]
+    md = [md_table(["setting", "counts per class", "abstain", "top share", "flag"], body)]
     if d["collapsed"]:
         md += ["", f"**Collapsed base classifier(s): {', '.join(d['collapsed'])}** - certified accuracy equals the "
                    f"frequency of one class; do not read it as robustness."]

@@ -188,8 +188,7 @@ def render_comparison(sec: dict[str, Any]) -> tuple[str, list]:
     d = sec["data"]
     rad = d["radii"]
     p = d["protocol"]
-    parts = [f"## {sec['title']}", "",
-             f"Certified subset: {len(p['indices'])} test images (every {p['skip']}th index); n0={p['n0']}, "
+    parts = [f"Certified subset: {len(p['indices'])} test images (every {p['skip']}th index); n0={p['n0']}, "
              f"n={p['n']}, alpha={p['alpha']}, certify seed {p['certify_seed']}; training seeds {p['training_seeds']}; "
              f"intervals: 95% bootstrap over images ({p['bootstrap']} resamples), all seeds pooled.", ""]
     hdr = ["method", "sigma"] + [f"r={r:g}" for r in rad] + ["ACR", "abstain", "val noisy acc", "train s",
@@ -275,7 +274,7 @@ def write_report(sec: dict[str, Any], out: str | Path) -> Path:
     """``out/report.md`` plus the figure PNGs beside it."""
     out = Path(out)
     md, figs = render_comparison(sec)
-    lines = [md]
+    lines = [f"## {sec['title']}", md]
     for i, (cap, fig) in enumerate(figs):
         name = f"comparison-{i}.png"
         fig.savefig(out / name, dpi=110)
