@@ -134,3 +134,17 @@ def test_certify_report_flags_a_collapsed_model(data, tmp_path):
     md, _ = renderer("predicted_classes")(sec)
     assert "COLLAPSED" in md and "const" in md
     assert "COLLAPSED" in (tmp_path / "c" / "report.md").read_text()
+
+
+def test_denoised_costs_over_ten_times_the_flops_at_digits_sizes():
+    pytest.importorskip("diffusers")
+    from bastion.models import create_model
+    from defenses.consistency_compare import forward_flops
+    from defenses.denoised import DenoisedClassifier
+    from detection.diffusers_backend import build_scheduler, build_unet
+
+    x = torch.rand(4, *SHAPE)
+    rrcm = RRCMClassifier({"kind": "mlp"}, SHAPE, 10, 0.25)
+    acp = build_scheduler().alphas_cumprod
+    dds = DenoisedClassifier(build_unet(1, 8, (16, 32)), create_model("mlp", 10, 1, 8), acp, 0.25)
+    assert forward_flops(dds, x) >= 10 * forward_flops(rrcm, x)
