@@ -6,6 +6,11 @@ per-epoch log, checkpoints and resume. Runs are seeded: batch order and the obje
 generator for epoch e are derived from (seed, e), so a run resumed from an epoch checkpoint
 finishes with the same weights as an uninterrupted one (on CPU).
 
+Under ``torchrun`` (an initialized process group, see `bastion.distributed`) `fit` trains with
+DistributedDataParallel: ``batch_size`` is per rank, the global batch order is the one a single
+process with the global batch would use, and each rank takes its slice; rank 0 alone writes
+checkpoints and logs. A single process runs exactly as before.
+
 Objectives are registered by name with a frozen parameter dataclass (`ObjectiveParams`);
 `create_objective` checks names and values against it. Only ``standard`` lives here: the
 others (``pgd``, ``gaussian``, ``fgsm``, ``aaer``, ...) live in plugin packages that the
@@ -14,6 +19,7 @@ registry imports on first use, found through the ``bastion.objectives`` entry-po
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -177,6 +183,7 @@ _FALLBACK_PLUGINS = {
     **{n: "defenses.single_step" for n in ("fgsm", "fgsm_rs", "n_fgsm", "nfgsm", "rs_aaer", "n_aaer", "aaer")},
     "rct": "certify.rscp",
     "adaptive_mixing": "defenses.mixing_training", "spectral_ce": "defenses.mixing_training",
+    "rrcm_pretrain": "defenses.consistency", "consistency": "defenses.consistency",
 }
 
 
@@ -528,6 +535,46 @@ def _diverged(what: str, epoch: int, b: int | None, last_good: int | None, ckpt_
     return TrainingDiverged(f"training diverged at {where}: {what}; {kept}; lower the learning rate")
 
 
+class _DDPStep(nn.Module):
+    """What an objective sees under DDP: forwards that may train the weights (grad enabled, some
+    parameter requiring grad) go through the DDP wrapper; the rest (attacks, which freeze the
+    weights, and no-grad evaluation) through the unwrapped module ``self.module``, so they cost no
+    DDP bookkeeping and no collectives."""
+
+    def __init__(self, ddp: nn.Module):
+        super().__init__()
+        self.ddp = ddp
+
+    @property
+    def module(self) -> nn.Module:
+        return self.ddp.module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.module.parameters()):
+            return self.ddp(x)
+        return self.module(x)
+
+
+def _wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    return _DDPStep(DistributedDataParallel(model, device_ids=ids, output_device=device.index if ids else None))
+
+
+def _reduce_step(loss: float, stats: dict[str, float], correct: int, seen: int, share: float
+                 ) -> tuple[float, dict[str, float], int, int]:
+    """Global-batch values of one distributed step: every float weighted by this rank's share of
+    the batch and summed over ranks (exact for per-batch means and for values that are already
+    global), counts summed."""
+    from bastion import distributed as dist
+
+    keys = sorted(stats)
+    t = torch.tensor([loss * share, *(float(stats[k]) * share for k in keys), correct, seen], dtype=torch.float64)
+    t = dist.all_reduce_sum(t).tolist()
+    return t[0], {k: t[1 + i] for i, k in enumerate(keys)}, int(round(t[-2])), int(round(t[-1]))
+
+
 def fit(model: nn.Module, data: ImageDataset, objective: Objective, cfg: TrainConfig,
         run_dir: str | Path | None = None, callbacks: Sequence[Callback] = (),
         device: str | torch.device | None = None, quiet: bool = False, log_batches: bool = False,
@@ -553,6 +600,7 @@ def fit(model: nn.Module, data: ImageDataset, objective: Objective, cfg: TrainCo
     the epoch and iteration) before anything of that epoch is written. The progress line shows
     ``train_loss``, ``train_acc`` and the callbacks' ``progress_keys``.
     """
+    from bastion import distributed as dist
     from bastion.progress import progress
 
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -562,7 +610,16 @@ def fit(model: nn.Module, data: ImageDataset, objective: Objective, cfg: TrainCo
     n = len(data)
     if n == 0:
         raise ConfigError("training set is empty")
-    iters_per_epoch = math.ceil(n / cfg.batch_size)
+    world, ddp = dist.world_size(), dist.active()
+    main = dist.is_main()
+    quiet = quiet or not main
+    batch = cfg.batch_size * world   # the global batch: rank r takes rows rank_slice(len(batch)) of each
+    # every rank needs >= 2 rows: a draw of shape (1,) is a scalar draw (the attack layer's seeds), never a row
+    if ddp and (cfg.batch_size < 2 or 0 < n % batch < 2 * world):
+        raise ConfigError(f"under torchrun every rank needs >= 2 examples per step: batch_size (per rank) >= 2 and "
+                          f"{n} % (batch_size x {world}) either 0 or >= {2 * world} (it is {n % batch})")
+    net = _wrap_ddp(model, device) if ddp else model
+    iters_per_epoch = math.ceil(n / batch)
     total = iters_per_epoch * cfg.epochs
     history: list[dict[str, Any]] = []
     start_epoch = 0
@@ -577,7 +634,8 @@ def fit(model: nn.Module, data: ImageDataset, objective: Objective, cfg: TrainCo
         log = JsonlLog(run_dir / "train_log.jsonl")
         batch_log = JsonlLog(run_dir / "batches.jsonl") if log_batches else None
         state_path = ckpt_dir / "train_state.safetensors"
-        digest = config_digest({"train": asdict(cfg), "objective": objective.config(), "n": n,
+        # the global batch, not the per-rank one: a run resumes under any world size with the same global batch
+        digest = config_digest({"train": {**asdict(cfg), "batch_size": batch}, "objective": objective.config(), "n": n,
                                 "num_params": sum(p.numel() for p in model.parameters())})
         if state_path.is_file():
             meta = _load_train_state(state_path, model, opt)
@@ -586,16 +644,17 @@ def fit(model: nn.Module, data: ImageDataset, objective: Objective, cfg: TrainCo
                                f"(train settings, objective or data); use a new run directory or delete it")
             start_epoch = int(meta["epoch"]) + 1
             history = list(meta["history"])
-            log.rewrite(history)
-            if batch_log is not None:
+            if main:
+                log.rewrite(history)
+            if batch_log is not None and main:
                 batch_log.rewrite([r for r in batch_log if r.get("epoch", -1) < start_epoch])
-            if not _checkpoint_is_current(ckpt_dir, int(meta["epoch"])):
+            if main and not _checkpoint_is_current(ckpt_dir, int(meta["epoch"])):
                 _export_checkpoint(ckpt_dir, model, cfg, objective, card, int(meta["epoch"]))
             if meta.get("stopped"):
                 start_epoch = cfg.epochs
             if not quiet:
                 print(f"resuming from epoch {start_epoch} ({str(ckpt_dir)!r})")
-        else:  # nothing committed yet: drop what a killed first epoch may have logged
+        elif main:  # nothing committed yet: drop what a killed first epoch may have logged
             log.rewrite([])
             if batch_log is not None:
                 batch_log.rewrite([])
@@ -619,10 +678,16 @@ def fit(model: nn.Module, data: ImageDataset, objective: Objective, cfg: TrainCo
         correct = seen = 0
         bar = progress(range(iters_per_epoch), desc=f"{objective.name} epoch {epoch + 1}/{cfg.epochs}", quiet=quiet)
         for b in bar:
-            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            idx = order[b * batch:(b + 1) * batch]
+            shard = contextlib.nullcontext()
+            share = 1.0
+            if ddp:
+                rows = dist.rank_slice(len(idx))
+                share = (rows.stop - rows.start) / len(idx)
+                shard = dist.sharded_step(rows.start, rows.stop - rows.start, len(idx))
+                idx = idx[rows]
             x = x_all[idx].to(device, non_blocking=True)
             y = y_all[idx].to(device, non_blocking=True)
-            x = _augment(x, cfg.augment, g_aug)
             it = epoch * iters_per_epoch + b
             f, mom = lr_factor(cfg, it, total)
             for group in opt.param_groups:
@@ -630,24 +695,32 @@ def fit(model: nn.Module, data: ImageDataset, objective: Objective, cfg: TrainCo
                 if mom is not None:
                     group["momentum"] = mom
             ctx = StepContext(epoch, it, iters_per_epoch, total, g_obj)
-            res = objective(model, x, y, ctx)
+            with shard:
+                x = _augment(x, cfg.augment, g_aug)
+                res = objective(net, x, y, ctx)
             loss_value = float(res.loss.detach())
+            step_correct = int((res.logits.detach().argmax(1) == y).sum()) if res.logits is not None else 0
+            step_seen = len(y) if res.logits is not None else 0
+            stats = dict(res.stats)
+            if ddp:
+                loss_value, stats, step_correct, step_seen = _reduce_step(loss_value, stats, step_correct,
+                                                                          step_seen, share)
             if not math.isfinite(loss_value):
                 raise _diverged(f"loss became {loss_value}", epoch, b, last_good, ckpt_dir)
             opt.zero_grad(set_to_none=True)
-            res.loss.backward()
+            # DDP averages gradients over ranks; weighting by world x share makes that the global batch's mean
+            (res.loss * (world * share) if ddp else res.loss).backward()
             opt.step()
-            stats = {"loss": loss_value, **res.stats}
-            if res.logits is not None:
-                correct += int((res.logits.detach().argmax(1) == y).sum())
-                seen += len(y)
+            stats = {"loss": loss_value, **stats}
+            correct += step_correct
+            seen += step_seen
             for cb in callbacks:
                 extra = cb.on_batch_end(model, ctx, stats)
                 if extra:
                     stats.update(extra)
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
-            if batch_log is not None:
+            if batch_log is not None and main:
                 batch_log.append([{"epoch": epoch, "iteration": it, "lr": cfg.lr * f, **stats}])
         bad = _first_nonfinite(model)
         if bad is not None:  # the last step(s) of the epoch broke the weights: commit nothing
@@ -672,10 +745,12 @@ def fit(model: nn.Module, data: ImageDataset, objective: Objective, cfg: TrainCo
         if ckpt_dir is not None:
             record = json.loads(json.dumps(to_jsonable(record), default=str))  # as the log will hold it
             history[-1] = record
+        if ckpt_dir is not None and main:
             _save_train_state(ckpt_dir / "train_state.safetensors", model, opt,
                               {"epoch": epoch, "digest": digest, "history": history, "stopped": stopped})
             _export_checkpoint(ckpt_dir, model, cfg, objective, card, epoch)
             log.append([record])  # type: ignore[union-attr]
+        dist.barrier()  # no rank runs ahead of rank 0's commit of this epoch
         last_good = epoch
         if not quiet:
             shown = {k: (round(v, 4) if isinstance(v, float) else v) for k in shown_keys

@@ -16,6 +16,7 @@ from bastion.folds import FoldContext, register_fold
 from bastion.records import BaseRecord
 from bastion.report import section
 from certify.analysis import default_max_radius, envelope, fold_rows, table_radii
+from certify.class_histogram import register_predicted_classes
 
 import certify.report  # noqa: F401  (registers the certification renderer)  # isort: skip
 
@@ -66,3 +67,4 @@ def fold_certify(records: list[BaseRecord], ctx: FoldContext) -> list[dict[str, 
 
 
 register_fold("certify", fold_certify, kinds=("certify", "predict"))
+register_predicted_classes()  # after the certify fold: the certification section stays first

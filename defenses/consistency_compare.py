@@ -22,7 +22,6 @@ from typing import Any
 import torch
 from torch import nn
 
-import defenses.consistency_fold  # noqa: F401  (predicted-class histogram in every certify run of the comparison)
 from bastion.checkpoints import make_card
 from bastion.data import ImageDataset, load_dataset
 from bastion.errors import ConfigError

@@ -21,19 +21,7 @@ import numpy as np
 
 from bastion.records import parse_record
 from bastion.report import md_table, pct, pyplot, register_renderer, section
-
-COLLAPSE_SHARE = 0.5
-
-
-def predicted_class_histogram(records: Sequence[Any], num_classes: int) -> dict[str, Any]:
-    """Counts of each predicted class (``abstain`` apart) and the largest share among predictions."""
-    preds = [parse_record(r).pred if isinstance(r, dict) else r.pred for r in records]
-    counts = [sum(p == c for p in preds) for c in range(num_classes)]
-    answered = sum(counts)
-    top = int(np.argmax(counts)) if answered else None
-    share = counts[top] / answered if answered else 0.0
-    return {"counts": counts, "abstain": sum(p == -1 for p in preds), "top_class": top, "top_share": share,
-            "collapsed": share > COLLAPSE_SHARE}
+from certify.class_histogram import COLLAPSE_SHARE, predicted_class_histogram  # noqa: F401  (re-exported)
 
 
 def _radius_matrix(recs_by_seed: dict[int, list[Any]]) -> tuple[list[int], np.ndarray]:

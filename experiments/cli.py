@@ -22,6 +22,7 @@ COMMANDS = [
     "experiments.commands.conformal",
     "experiments.commands.detect",
     "experiments.commands.mix",
+    "experiments.commands.smoothing_compare",
     "experiments.commands.run",
     "experiments.commands.report",
     "experiments.commands.quickstart",

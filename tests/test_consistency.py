@@ -121,7 +121,7 @@ def test_inference_costs_side_by_side():
 
 
 def test_certify_report_flags_a_collapsed_model(data, tmp_path):
-    import defenses.consistency_fold  # noqa: F401
+    import certify.folds  # noqa: F401
     from bastion.report import renderer
 
     _, test = data

@@ -25,6 +25,7 @@ SECTIONS: list[tuple[str, str]] = [
     ("conformal", "experiments.quickstart.conformal"),
     ("detection", "experiments.quickstart.detection"),
     ("adaptive", "experiments.quickstart.adaptive"),
+    ("consistency", "experiments.quickstart.consistency"),
 ]
 
 

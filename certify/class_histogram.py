@@ -2,21 +2,34 @@
 flag on any model whose most frequent class takes more than half of its (non-abstained)
 predictions. A collapsed base classifier (one class everywhere) is certified by CERTIFY at the
 largest radius for that class, so its certified accuracy equals the class frequency at every radius
-and nothing else in the report shows it (consistency-smoothing.md section 9, lesson 2).
-
-Registered after the ``certify`` fold (so ``certification`` stays the first section); list this module
-in the ``bastion.plugins`` entry points to add the section to every certify run.
+and nothing else in the report shows it (consistency-smoothing spec, section 9, lesson 2).
+Registered by `certify.folds` right after the ``certify`` fold, so every certify run has it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
-import certify.folds  # noqa: F401  (the certification section first)
+import numpy as np
+
 from bastion.folds import FoldContext, register_fold
-from bastion.records import BaseRecord
+from bastion.records import BaseRecord, parse_record
 from bastion.report import md_table, register_renderer, section
-from defenses.consistency_report import predicted_class_histogram
+
+COLLAPSE_SHARE = 0.5
+
+
+def predicted_class_histogram(records: Sequence[Any], num_classes: int) -> dict[str, Any]:
+    """Counts of each predicted class (``abstain`` apart) and the largest share among predictions."""
+    preds = [parse_record(r).pred if isinstance(r, dict) else r.pred for r in records]
+    counts = [sum(p == c for p in preds) for c in range(num_classes)]
+    answered = sum(counts)
+    top = int(np.argmax(counts)) if answered else None
+    share = counts[top] / answered if answered else 0.0
+    return {"counts": counts, "abstain": sum(p == -1 for p in preds), "top_class": top, "top_share": share,
+            "collapsed": share > COLLAPSE_SHARE}
+
 
 
 def fold_predicted_classes(records: list[BaseRecord], ctx: FoldContext) -> list[dict[str, Any]]:
@@ -42,5 +55,7 @@ def render_predicted_classes(sec: dict[str, Any]) -> tuple[str, list]:
     return "\n".join(md), []
 
 
-register_fold("predicted_classes", fold_predicted_classes, kinds=("certify", "predict"))
-register_renderer("predicted_classes", render_predicted_classes)
+def register_predicted_classes() -> None:
+    """Register the fold and its renderer (called by `certify.folds` after the certify fold)."""
+    register_fold("predicted_classes", fold_predicted_classes, kinds=("certify", "predict"))
+    register_renderer("predicted_classes", render_predicted_classes)
