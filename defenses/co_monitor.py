@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attacks import create_attack
+from bastion import distributed
 from bastion.data import ImageDataset
 from bastion.errors import ConfigError
 from bastion.records import JsonlLog
@@ -79,6 +80,8 @@ def evaluate_co(model: nn.Module, data: ImageDataset, eps: float, pgd_steps: int
     clean = fgsm = pgd = aae = 0
     try:
         for c, start in enumerate(range(0, n, batch_size)):
+            if c % distributed.world_size() != distributed.rank():  # under torchrun: chunks split over ranks
+                continue
             x = data.images[start:start + batch_size].to(device)
             y = data.labels[start:start + batch_size].to(device)
             ok, _ = _predict_loss(model, x, y)
@@ -94,6 +97,7 @@ def evaluate_co(model: nn.Module, data: ImageDataset, eps: float, pgd_steps: int
             pgd += int(ok_p.sum())
     finally:
         model.train(was_training)
+    clean, fgsm, pgd, aae = (int(v) for v in distributed.all_reduce_sum(torch.tensor([clean, fgsm, pgd, aae])))
     return {"val_clean": clean / n, "val_fgsm": fgsm / n, "val_pgd": pgd / n, "val_aae_frac": aae / n}
 
 
@@ -142,7 +146,8 @@ class COMonitor(Callback):
             self.history = [r for r in JsonlLog(log) if r.get("epoch", -1) < epoch and "val_pgd" in r]
         mlog = JsonlLog(self.run_dir / "monitor.jsonl")
         self.points = [r for r in mlog if r.get("epoch", -1) < epoch]
-        mlog.rewrite(self.points)
+        if distributed.is_main():
+            mlog.rewrite(self.points)
 
     def _flags(self, rows: list[dict[str, Any]]) -> list[bool]:
         return co_flags([r["val_pgd"] for r in rows], [r["val_fgsm"] for r in rows], self.drop, self.gap,
@@ -168,7 +173,7 @@ class COMonitor(Callback):
                                f"vs FGSM {m['val_fgsm']:.3f}")
             self._warn(row["co_event"])
         self.points.append(row)
-        if self.run_dir is not None:
+        if self.run_dir is not None and distributed.is_main():
             JsonlLog(self.run_dir / "monitor.jsonl").append([row])
         return None
 

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bastion import distributed
 from bastion.errors import BastionError, ConfigError
 from bastion.threat import ThreatModel, format_eps, parse_eps
 from bastion.train import (
@@ -118,6 +119,8 @@ def aae_regularizer(z_eta: torch.Tensor, l_eta: torch.Tensor, z_adv: torch.Tenso
     aae = l_eta > l_adv.detach()          # strict: the step lowered the loss
     nae = ~aae
     dist = (z_eta - z_adv).pow(2).sum(dim=1)          # squared L2 over classes, per example
+    if distributed.active():               # under torchrun: the statistics of the global batch
+        return _aae_regularizer_global(dist, aae, l_eta, l_adv, lambda1, lambda2, lambda3, ce_term_grad)
     with torch.no_grad():                  # every logged number in one device->host transfer
         af = aae.to(dist.dtype)
         s_va, s_vn, s_ca, s_m = torch.stack([(dist * af).sum(), (dist * (1 - af)).sum(),
@@ -144,6 +147,44 @@ def aae_regularizer(z_eta: torch.Tensor, l_eta: torch.Tensor, z_adv: torch.Tenso
     gap_val = max(v_a_val - v_n_val, 0.0)
     stats["v_gap"] = v_a_val - v_n_val
     stats["gate_open"] = float(v_a_val > v_n_val)
+    stats["reg"] = r * (lambda2 * c_a_val + lambda3 * gap_val)
+    stats["reg_grad"] = r * lambda3 * gap_val + (r * lambda2 * c_a_val if ce_term_grad else 0.0)
+    return reg, stats
+
+
+def _aae_regularizer_global(dist: torch.Tensor, aae: torch.Tensor, l_eta: torch.Tensor, l_adv: torch.Tensor,
+                            lambda1: float, lambda2: float, lambda3: float,
+                            ce_term_grad: bool) -> tuple[torch.Tensor, dict[str, float]]:
+    """`aae_regularizer` on one rank's rows of a global batch: m, V_A, V_N, C_A are sums over all
+    ranks; the returned penalty is this rank's part, scaled so that fit's share-weighted gradient
+    average equals the single-process penalty's gradient (and its share-weighted value sum, the
+    penalty). Stats are the global batch's (the same on every rank)."""
+    share = distributed.step_share()
+    af = aae.to(dist.dtype)
+    with torch.no_grad():
+        sums = torch.stack([(dist * af).sum(), (dist * (1 - af)).sum(), ((l_eta - l_adv.detach()) * af).sum(),
+                            af.sum(), torch.tensor(float(aae.numel()), dtype=dist.dtype, device=dist.device)])
+        s_va, s_vn, s_ca, s_m, s_b = distributed.all_reduce_sum(sums.double().cpu()).tolist()
+    m, b = int(round(s_m)), int(round(s_b))
+    n = b - m
+    v_a_val = s_va / m if m else 0.0
+    v_n_val = s_vn / n if n else 0.0
+    c_a_val = s_ca / m if m else 0.0
+    stats: dict[str, float] = {"aae_count": float(m), "aae_frac": m / max(1, b), "has_aae": float(m > 0),
+                               "has_nae": float(n > 0), "mixed": float(m > 0 and n > 0),
+                               "v_a": v_a_val, "v_n": v_n_val, "c_a": c_a_val, "v_gap": 0.0, "gate_open": 0.0,
+                               "reg": 0.0, "reg_grad": 0.0}
+    if m == 0 or n == 0:
+        return torch.zeros((), device=dist.device, dtype=dist.dtype), stats
+    r = lambda1 * m / b
+    l_adv_a = l_adv if ce_term_grad else l_adv.detach()
+    c_a = ((l_eta - l_adv_a) * af).sum() / m
+    gate = float(v_a_val > v_n_val)
+    v_part = (dist * af).sum() / m - share * v_n_val   # share-weighted sum over ranks: V_A - V_N
+    reg = r * (lambda2 * c_a + lambda3 * gate * v_part) / share
+    gap_val = max(v_a_val - v_n_val, 0.0)
+    stats["v_gap"] = v_a_val - v_n_val
+    stats["gate_open"] = gate
     stats["reg"] = r * (lambda2 * c_a_val + lambda3 * gap_val)
     stats["reg_grad"] = r * lambda3 * gap_val + (r * lambda2 * c_a_val if ce_term_grad else 0.0)
     return reg, stats

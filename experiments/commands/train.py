@@ -32,7 +32,10 @@ HELP = """examples:
   bastion train --dataset cifar10 --data-root ~/data --model preact_resnet18 --objective pgd --eps 8/255
   bastion train --dataset digits --image-size 32 --model conv_linear --objective aaer --eps 0.2 \
       --param variant=rs --param lambda3=1.5 --optimizer adam --lr 0.003 --schedule cyclic --epochs 30
-  bastion run experiments/configs/aaer_cifar10_rs_8.toml   (set data_root in the file)"""
+  bastion run experiments/configs/aaer_cifar10_rs_8.toml   (set data_root in the file)
+  torchrun --nproc_per_node 2 -m experiments.cli train --objective pgd --eps 0.1 --batch-size 32 --out runs/ddp
+      (DistributedDataParallel, detected from torchrun's environment: --batch-size is per process, the
+       global batch 64 gives the same weights as one process with --batch-size 64; gloo on CPU, nccl on CUDA)"""
 
 
 def register(sub, common) -> None:
@@ -159,8 +162,26 @@ def co_monitor(args: argparse.Namespace, objective, out: Path):
 
 
 def run(args: argparse.Namespace) -> int:
+    """Train; under torchrun (RANK/WORLD_SIZE/... set) every rank runs this with DDP and rank 0 writes."""
+    from bastion import distributed as dist
+
+    env = dist.from_env()
+    if not env.distributed:
+        return _run(args)
+    args.device = str(dist.device_for(env, args.device))
+    dist.init(env, args.device)
+    try:
+        if not env.is_main:
+            args.quiet = True
+        return _run(args)
+    finally:
+        dist.shutdown()
+
+
+def _run(args: argparse.Namespace) -> int:
     import torch
 
+    from bastion import distributed as dist
     from bastion.checkpoints import make_card, save_checkpoint
     from bastion.models import create_model
     from bastion.report import metrics_document, section, write_report
@@ -180,7 +201,8 @@ def run(args: argparse.Namespace) -> int:
                       cycle_momentum=getattr(args, "cycle_momentum", True))
     callbacks = list(getattr(args, "callbacks", []))
     monitor = co_monitor(args, objective, out)
-    run_dir = open_run_dir(out, run_config(args))
+    run_dir = open_run_dir(out, run_config(args)) if dist.is_main() else None
+    dist.barrier()  # the run directory exists before any rank writes into it
     if monitor is not None:
         callbacks.append(monitor)
     card = make_card(model, args.model, data.num_classes, data.input_shape, arch_kwargs, data.class_names,
@@ -189,12 +211,14 @@ def run(args: argparse.Namespace) -> int:
                  checkpoint_card=card, callbacks=callbacks, log_batches=getattr(args, "log_batches", False))
     card["recipe"] = {"train": vars(cfg) | {"milestones": list(cfg.milestones)}, **objective.config()}
     card["metrics"] = {k: v for k, v in result.history[-1].items() if isinstance(v, (int, float))}
+    if not dist.is_main():
+        return 0
     final = save_checkpoint(out / "model", result.model, card)
     doc = metrics_document([section("training", f"{args.objective} training of {args.model}",
                                     {"objective": objective.config(), "model": args.model,
                                      "history": result.history, "stopped_early": result.stopped_early})],
                            title=f"Bastion training: {args.objective}")
-    run_dir.write_json("metrics.json", doc)
+    run_dir.write_json("metrics.json", doc)  # type: ignore[union-attr]
     write_report(out, doc)
     if not args.quiet:
         print(f"model saved to {final} (card {final.with_suffix('.json')}); report {out / 'report.html'}")
