@@ -203,9 +203,10 @@ def test_config_errors_are_one_line(tmp_path):
                         log=lambda m: None)
 
 
-def test_shipped_config_parses():
+@pytest.mark.parametrize("name", ["leaderboard_digits.toml", "leaderboard_digits_fast.toml"])
+def test_shipped_config_parses(name):
     from experiments.leaderboard import read_config
 
-    cfg = read_config(ROOT / "experiments" / "configs" / "leaderboard_digits.toml")
+    cfg = read_config(ROOT / "experiments" / "configs" / name)
     assert [e.defense for e in cfg.entries] == ["plain", "plain", "plain", "smoothed"]
     assert {e.train for e in cfg.entries} == set(cfg.train)
