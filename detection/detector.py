@@ -24,6 +24,7 @@ model's training data.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Protocol
@@ -226,8 +227,9 @@ class EPSDetector(Thresholded):
         save_file(tensors, str(path.with_suffix(".safetensors")))
         meta = {"kind": self.kind, "name": self.name, "bandwidth": self.bandwidth, "threshold": self.threshold,
                 "feature_only": self.feature_only, "kernel_init": self.kernel_init, "history": self.history,
-                "reference_size": self.reference_size, "seed": self.seed}
-        path.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+                "reference_size": self.reference_size, "seed": self.seed,
+                "kernel_train": dataclasses.asdict(self.kernel_cfg)}
+        path.with_suffix(".json").write_text(json.dumps(meta, indent=2, sort_keys=True))
         return path
 
     @classmethod
@@ -239,7 +241,8 @@ class EPSDetector(Thresholded):
         dev = next(extractor.score_model.parameters()).device
         tensors = load_file(str(path.with_suffix(".safetensors")), device=str(dev))
         det = cls(extractor, meta["kind"], reference_size=meta["reference_size"], feature_only=meta["feature_only"],
-                  kernel_init=meta["kernel_init"], seed=meta["seed"], name=meta["name"])
+                  kernel_init=meta["kernel_init"], seed=meta["seed"], name=meta["name"],
+                  kernel=KernelTrainConfig(**meta["kernel_train"]) if "kernel_train" in meta else None)
         det.bandwidth, det.threshold, det.history = meta["bandwidth"], meta["threshold"], meta["history"]
         if det.kind == "deep":
             ref = tensors["reference"]

@@ -63,7 +63,7 @@ def _config_and_argv(parser: argparse.ArgumentParser) -> tuple[dict, list[str]]:
         elif act.nargs in ("+", "*"):
             v = _one_value(act)
             cfg[key] = [v, v]
-            argv += [opt, str(v), str(v)]
+            argv += ([opt] if opt else []) + [str(v), str(v)]
         else:
             v = _one_value(act)
             cfg[key] = v

@@ -1,8 +1,11 @@
-"""The main job end to end: `bastion quickstart` on the embedded digits (about a minute on 2 cores).
+"""The main job end to end: `bastion quickstart` on the embedded digits.
 
 Checks what the README promises of it: a self-contained report, the PGD-trained model clearly more
-robust than the standard one, plain FGSM's catastrophic overfitting flagged, and the
-Gaussian-trained model certifying more at radius 0.25 than the standard model."""
+robust than the standard one, plain FGSM's catastrophic overfitting flagged, the Gaussian-trained
+model certifying more at radius 0.25 than the standard model, and a conformal section. The
+detection, adaptive-smoothing and consistency sections (several minutes together on 2 cores) are
+left out here: their pipelines are tested at small sizes in test_detection.py,
+test_adaptive_smoothing_configs.py and test_consistency_compare.py."""
 
 from __future__ import annotations
 
@@ -14,10 +17,13 @@ import pytest
 from experiments.cli import main
 
 
+ONLY = "robustness,aaer,certification,conformal"
+
+
 @pytest.mark.slow
 def test_quickstart_end_to_end(tmp_path, capsys):
     out = tmp_path / "qs"
-    assert main(["quickstart", "--quiet", "--out", str(out)]) == 0
+    assert main(["quickstart", "--quiet", "--out", str(out), "--only", ONLY]) == 0
     doc = json.loads((out / "metrics.json").read_text())
     html = (out / "report.html").read_text()
     assert doc["schema_version"] == 1 and "data:image/png;base64" in html
@@ -43,9 +49,10 @@ def test_quickstart_end_to_end(tmp_path, capsys):
     gauss = next(v for k, v in acc.items() if k.startswith("gaussian0.25"))
     standard = next(v for k, v in acc.items() if k.startswith("standard"))
     assert gauss[0.25] >= standard[0.25] + 0.05
+    assert any(s["type"] == "conformal" and s["data"]["probes"] for s in doc["sections"])
 
     # a rerun reuses everything and ends with the same metrics (timings aside)
-    assert main(["quickstart", "--quiet", "--out", str(out)]) == 0
+    assert main(["quickstart", "--quiet", "--out", str(out), "--only", ONLY]) == 0
     again = json.loads((out / "metrics.json").read_text())
     assert again["environment"]["torch"] and capsys.readouterr().err == ""  # --quiet: no bars
 
@@ -71,7 +78,8 @@ def test_sections_are_modules_listed_in_one_place():
 
     from experiments.quickstart import SECTIONS, section_names
 
-    assert section_names() == ["robustness", "aaer", "certification"]
+    assert section_names() == ["robustness", "aaer", "certification", "conformal", "detection", "adaptive",
+                               "consistency"]
     for _name, module in SECTIONS:
         assert callable(importlib.import_module(module).run)
 
