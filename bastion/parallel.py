@@ -240,7 +240,13 @@ def _run_ray(fn, tasks, deliver, *, threads, address, retries, num_gpus) -> None
         kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": False}
         if address:
             kwargs["address"] = address
-        ray.init(**kwargs)
+        try:
+            ray.init(**kwargs)
+        except ConnectionError as exc:
+            raise ConfigError(f"cannot join the Ray cluster at {address!r} ({str(exc).splitlines()[0]}): start it with "
+                              f"`ray start --head`, and for --address auto set RAY_ADDRESS=host:port when it was "
+                              f"started with --temp-dir; with token authentication set RAY_AUTH_MODE=token and "
+                              f"RAY_AUTH_TOKEN as on the head") from None
         started = True
     try:
         remote = ray.remote(_call_with_threads).options(
