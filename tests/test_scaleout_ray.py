@@ -145,7 +145,8 @@ def test_a_ray_worker_killed_mid_task_is_retried_and_the_run_finishes(work, clus
     argv = [*CERTIFY[:CERTIFY.index("--n")], "--n", "20000", *CERTIFY[CERTIFY.index("--batch"):]]
     bastion(*argv, "--out", "certify-big-local", cwd=work)
     proc = subprocess.Popen([sys.executable, "-m", "experiments.cli", *_abs(argv, work), "--backend", "ray",
-                             "--address", "auto", "--threads", "1", "--retries", "3", "--out", "certify-killed"], cwd=work,
+                             "--address", "auto", "--threads", "1", "--retries", "3", "--out", "certify-killed"],
+                            cwd=work,
                             env=_env(RAY_ADDRESS=cluster), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     killed = None
     try:
