@@ -16,7 +16,6 @@ import pytest
 
 from experiments.cli import main
 
-
 ONLY = "robustness,aaer,certification,conformal"
 
 
