@@ -28,6 +28,7 @@ computed exactly (`quantile_index`), ``+inf`` when ``k > n``; set ``{k : S(x, k)
 
 from __future__ import annotations
 
+import abc
 import math
 from fractions import Fraction
 from typing import Any
@@ -120,7 +121,7 @@ def _pick(all_scores: Tensor, labels: Tensor) -> Tensor:
     return all_scores.gather(-1, labels).squeeze(-1)
 
 
-class Score:
+class Score(abc.ABC):
     """A non-conformity score. ``score(logits)`` -> (N, K); ``score(logits, labels)`` -> (N,)
     (TorchCP's convention). ``from_probs(probs, u)`` works on probabilities of any shape (..., K)
     with ``u`` broadcastable to (...,) (one draw per example). ``range`` = (low, high)."""
@@ -129,8 +130,8 @@ class Score:
     randomized = False
     range: tuple[float, float] = (0.0, 1.0)
 
-    def from_probs(self, probs: Tensor, u: Tensor | None = None) -> Tensor:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def from_probs(self, probs: Tensor, u: Tensor | None = None) -> Tensor: ...
 
     def draw_u(self, shape: tuple[int, ...] | torch.Size, generator: torch.Generator | None = None,
                device: torch.device | str | None = None) -> Tensor | None:

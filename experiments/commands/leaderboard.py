@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from experiments.common import add_command
-from experiments.execution import add_execution_args
+from experiments.execution import add_execution_args, run_options
 
 HELP = """examples:
   bastion leaderboard experiments/configs/leaderboard_digits.toml
@@ -32,15 +32,13 @@ def register(sub, common) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from experiments.leaderboard import Execution, read_config, run_leaderboard
+    from experiments.leaderboard import read_config, run_leaderboard
 
     cfg = read_config(args.config)
     if args.seed:
         raise_seed(cfg, args.seed)
     out = Path(args.out or f"runs/leaderboard-{cfg.name}")
-    ex = Execution(device=args.device, quiet=args.quiet, backend=args.backend, workers=args.workers,
-                   threads=args.threads, address=args.address, retries=args.retries, num_gpus=args.num_gpus,
-                   shard_size=args.shard_size)
+    ex = run_options(args)
     board = run_leaderboard(cfg, out, ex, log=(lambda m: None) if args.quiet else print)
     if not args.quiet:
         for r in board["entries"]:

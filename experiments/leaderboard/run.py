@@ -17,31 +17,20 @@ same bytes. Workers (``--workers``/``--backend``) shard each evaluation like eve
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bastion.errors import ConfigError
+from bastion.runner import RunOptions
 from bastion.threat import ThreatModel, format_eps
 from experiments.leaderboard.config import Entry, LeaderboardConfig
 from experiments.leaderboard.robustbench import entry_path, pct, read_published, write_entry
 
-
-@dataclass
-class Execution:
-    """How to compute (never what): passed to every evaluator run."""
-
-    device: str = "cpu"
-    quiet: bool = True
-    backend: str = "local"
-    workers: int = 1
-    threads: int | None = None
-    address: str | None = None
-    retries: int = 2
-    num_gpus: float = 0.0
-    shard_size: int = 256
+# How to compute (never what): the run loop's options; each entry's run takes the config's batch size and seed.
+Execution = RunOptions
 
 
 def slug(threat: ThreatModel) -> str:
@@ -108,11 +97,9 @@ def run_leaderboard(cfg: LeaderboardConfig, out: str | Path, ex: Execution | Non
     from bastion.checkpoints import read_card
     from bastion.evaluate import evaluate
     from bastion.records import config_digest
-    from bastion.runner import RunOptions
     from experiments.common import check_data_fits
     from experiments.leaderboard.defenses import Context, build_defense, check_defenses
     from experiments.site import write_site
-
     ex = ex or Execution()
     out = Path(out)
     check_defenses(cfg.entries)
@@ -138,9 +125,7 @@ def run_leaderboard(cfg: LeaderboardConfig, out: str | Path, ex: Execution | Non
                 "entry": entry.name, "defense": entry.defense, "sigma": entry.sigma, "num_noise": entry.num_noise,
                 "eot_iter": entry.eot_iter, "certify": entry.certify, "model_sha256": card.get("sha256"),
                 "threats": [str(t) for t in threats]}
-            opts = RunOptions(batch_size=cfg.batch_size, seed=cfg.seed, device=ex.device, quiet=ex.quiet,
-                              backend=ex.backend, workers=ex.workers, threads=ex.threads, address=ex.address,
-                              retries=ex.retries, num_gpus=ex.num_gpus, shard_size=ex.shard_size)
+            opts = dataclasses.replace(ex, batch_size=cfg.batch_size, seed=cfg.seed)
             log(f"[leaderboard] {entry.name} @ {threat}: {len(probes)} probes -> {run_dir}")
             doc = evaluate(defense.model, data, probes, run_dir, config, opts=opts,
                            class_names=card.get("class_names"), title=f"{entry.name} @ {threat}",
