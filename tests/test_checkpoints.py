@@ -145,6 +145,7 @@ print(hashlib.sha256(safetensors_bytes(t, meta)).hexdigest())
 """
 
 
+@pytest.mark.slow
 def test_safetensors_bytes_do_not_depend_on_the_process(tmp_path):
     import subprocess
     import sys

@@ -114,7 +114,8 @@ AAER = BASE + ["--max", "301", "--objective", "rs_aaer", "--eps", "0.3", "--epoc
                "--monitor", "on", "--monitor-examples", "30", "--monitor-pgd-steps", "2", "--log-batches"]
 
 
-@pytest.mark.parametrize("name,args", [("pgd", PGD), pytest.param("rs_aaer", AAER, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("name,args", [("pgd", PGD), ("rs_aaer", AAER)])
 def test_two_gloo_processes_match_one_process_with_the_global_batch(tmp_path, name, args):
     """Per-rank batch 32 x 2 ranks == batch 64 in one process (the last batch splits unevenly)."""
     _train(1, [*args, "--batch-size", "64"], tmp_path / "one")

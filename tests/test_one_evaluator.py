@@ -70,6 +70,7 @@ def test_library_and_cli_write_byte_identical_metrics(ckpt, tmp_path):
     assert (lib / "report.md").read_text() == (cli / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_one_two_workers_and_ray_give_identical_records(ckpt, tmp_path):
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'bastion-robustness[distributed]')")
     runs = {}

@@ -376,6 +376,7 @@ fit(model, data, create_objective(sys.argv[2], **({"eps": 0.1, "steps": 2} if sy
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["standard", "pgd"])
 def test_identical_trainings_in_separate_processes_write_identical_bytes(tmp_path, objective):
     import subprocess
