@@ -127,16 +127,9 @@ def aae_regularizer(z_eta: torch.Tensor, l_eta: torch.Tensor, z_adv: torch.Tenso
                                              ((l_eta - l_adv.detach()) * af).sum(), af.sum()]).tolist()
     m = int(round(s_m))
     n = b - m
-    v_a_val = s_va / m if m else 0.0
-    v_n_val = s_vn / n if n else 0.0
-    c_a_val = s_ca / m if m else 0.0
-    stats: dict[str, float] = {"aae_count": float(m), "aae_frac": m / max(1, b), "has_aae": float(m > 0),
-                               "has_nae": float(n > 0), "mixed": float(m > 0 and n > 0),
-                               "v_a": v_a_val, "v_n": v_n_val, "c_a": c_a_val, "v_gap": 0.0, "gate_open": 0.0,
-                               "reg": 0.0, "reg_grad": 0.0}
-    zero = torch.zeros((), device=z_adv.device, dtype=z_adv.dtype)
+    stats = _aaer_stats(s_va, s_vn, s_ca, m, b)
     if m == 0 or n == 0:
-        return zero, stats
+        return torch.zeros((), device=z_adv.device, dtype=z_adv.dtype), stats
     r = lambda1 * m / b
     l_adv_a = l_adv[aae] if ce_term_grad else l_adv[aae].detach()
     c_a = (l_eta[aae] - l_adv_a).mean()
@@ -144,12 +137,7 @@ def aae_regularizer(z_eta: torch.Tensor, l_eta: torch.Tensor, z_adv: torch.Tenso
     v_n = dist[nae].detach().mean()
     gap = F.relu(v_a - v_n)
     reg = r * (lambda2 * c_a + lambda3 * gap)
-    gap_val = max(v_a_val - v_n_val, 0.0)
-    stats["v_gap"] = v_a_val - v_n_val
-    stats["gate_open"] = float(v_a_val > v_n_val)
-    stats["reg"] = r * (lambda2 * c_a_val + lambda3 * gap_val)
-    stats["reg_grad"] = r * lambda3 * gap_val + (r * lambda2 * c_a_val if ce_term_grad else 0.0)
-    return reg, stats
+    return reg, _gate_stats(stats, r, lambda2, lambda3, ce_term_grad)
 
 
 def _aae_regularizer_global(dist: torch.Tensor, aae: torch.Tensor, l_eta: torch.Tensor, l_adv: torch.Tensor,
@@ -167,27 +155,37 @@ def _aae_regularizer_global(dist: torch.Tensor, aae: torch.Tensor, l_eta: torch.
         s_va, s_vn, s_ca, s_m, s_b = distributed.all_reduce_sum(sums.double().cpu()).tolist()
     m, b = int(round(s_m)), int(round(s_b))
     n = b - m
-    v_a_val = s_va / m if m else 0.0
-    v_n_val = s_vn / n if n else 0.0
-    c_a_val = s_ca / m if m else 0.0
-    stats: dict[str, float] = {"aae_count": float(m), "aae_frac": m / max(1, b), "has_aae": float(m > 0),
-                               "has_nae": float(n > 0), "mixed": float(m > 0 and n > 0),
-                               "v_a": v_a_val, "v_n": v_n_val, "c_a": c_a_val, "v_gap": 0.0, "gate_open": 0.0,
-                               "reg": 0.0, "reg_grad": 0.0}
+    stats = _aaer_stats(s_va, s_vn, s_ca, m, b)
+    v_n_val = stats["v_n"]
     if m == 0 or n == 0:
         return torch.zeros((), device=dist.device, dtype=dist.dtype), stats
     r = lambda1 * m / b
     l_adv_a = l_adv if ce_term_grad else l_adv.detach()
     c_a = ((l_eta - l_adv_a) * af).sum() / m
-    gate = float(v_a_val > v_n_val)
+    gate = float(stats["v_a"] > v_n_val)
     v_part = (dist * af).sum() / m - share * v_n_val   # share-weighted sum over ranks: V_A - V_N
     reg = r * (lambda2 * c_a + lambda3 * gate * v_part) / share
-    gap_val = max(v_a_val - v_n_val, 0.0)
-    stats["v_gap"] = v_a_val - v_n_val
-    stats["gate_open"] = gate
-    stats["reg"] = r * (lambda2 * c_a_val + lambda3 * gap_val)
-    stats["reg_grad"] = r * lambda3 * gap_val + (r * lambda2 * c_a_val if ce_term_grad else 0.0)
-    return reg, stats
+    return reg, _gate_stats(stats, r, lambda2, lambda3, ce_term_grad)
+
+
+def _aaer_stats(s_va: float, s_vn: float, s_ca: float, m: int, b: int) -> dict[str, float]:
+    """The logged AAER statistics of a batch of ``b`` with ``m`` AAEs from the sums of the AAEs'
+    logit distances (``s_va``), the NAEs' (``s_vn``) and the AAEs' loss drops (``s_ca``)."""
+    n = b - m
+    return {"aae_count": float(m), "aae_frac": m / max(1, b), "has_aae": float(m > 0), "has_nae": float(n > 0),
+            "mixed": float(m > 0 and n > 0), "v_a": s_va / m if m else 0.0, "v_n": s_vn / n if n else 0.0,
+            "c_a": s_ca / m if m else 0.0, "v_gap": 0.0, "gate_open": 0.0, "reg": 0.0, "reg_grad": 0.0}
+
+
+def _gate_stats(stats: dict[str, float], r: float, lambda2: float, lambda3: float,
+                ce_term_grad: bool) -> dict[str, float]:
+    """Add the gate and the penalty's value (and its gradient-carrying part) to a mixed batch's stats."""
+    gap = stats["v_a"] - stats["v_n"]
+    stats["v_gap"] = gap
+    stats["gate_open"] = float(gap > 0)
+    stats["reg"] = r * (lambda2 * stats["c_a"] + lambda3 * max(gap, 0.0))
+    stats["reg_grad"] = r * lambda3 * max(gap, 0.0) + (r * lambda2 * stats["c_a"] if ce_term_grad else 0.0)
+    return stats
 
 
 class SingleStepObjective:
