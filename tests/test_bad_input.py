@@ -139,6 +139,19 @@ CASES = [
     ("quickstart-out-file", ["quickstart", "--quiet", "--out", "{work}/a_file"], ["a_file"]),
     ("no-such-option", ["train", "--epochz", "3"], ["--epochz"]),
 ]
+# the commands added with the methods and the three jobs
+CASES += [
+    ("eval-unknown-attack", ["evaluate", "--quiet", "--model", "{model}", "--attacks", "pgd,nosuch", "--max", "4",
+                             "--out", "{out}"], ["unknown attack", "nosuch"]),
+    ("cert-n0-0", ["certify", "--quiet", "--model", "{model}", "--sigma", "0.25", "--n0", "0", "--out", "{out}"],
+     ["n0"]),
+    ("conformal-sigma-neg", ["conformal", "--quiet", "--model", "{model}", "--sigma", "-1", "--out", "{out}"],
+     ["--sigma"]),
+    ("leaderboard-not-toml", ["leaderboard", "{work}/a_file", "--out", "{out}"], ["not valid TOML"]),
+    ("sweep-missing-config", ["sweep", "{work}/no-such.toml", "--out", "{out}"], ["not found"]),
+]
+
+
 def _params():
     for cid, argv, words in CASES:
         yield pytest.param(cid, argv, words, id=cid)
