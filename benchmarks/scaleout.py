@@ -7,7 +7,8 @@ epoch on digits; wall-clock seconds include the worker start-up. Thread split: e
 The two configurations alternate (1, 2, 1, 2, ...) so load from other processes on the machine
 hits both alike; the median of ``--repeats`` is reported.
 
-    OMP_NUM_THREADS=1 python benchmarks/scaleout.py [--repeats 3] [--out scaleout.md]
+    OMP_NUM_THREADS=1 python benchmarks/scaleout.py [--repeats 3] [--certify-examples 128] [--aa-examples 96]
+        [--out scaleout.md]
 """
 
 from __future__ import annotations
@@ -34,9 +35,8 @@ def _cli(args: list[str], cwd: Path) -> float:
     return time.perf_counter() - t0
 
 
-def workloads(model: str, quick: bool) -> dict[str, tuple[list[str], int]]:
+def workloads(model: str, n_cert: int, n_aa: int) -> dict[str, tuple[list[str], int]]:
     """name -> (command, examples)."""
-    n_cert, n_aa = (8, 8) if quick else (32, 32)
     return {
         "certification (Cohen, n=10000, sigma 0.25)": (
             ["certify", "--quiet", "--model", model, "--sigma", "0.25", "--dataset", "digits", "--max", str(n_cert),
@@ -51,13 +51,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="tiny workloads (a smoke run, not a measurement)")
+    p.add_argument("--certify-examples", type=int, default=128,
+                   help="test images certified (default 128: enough work that start-up is a small share)")
+    p.add_argument("--aa-examples", type=int, default=96, help="test images attacked (default 96)")
     p.add_argument("--out", default=None, help="also write the markdown table here")
     a = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="scaleout"))
     _cli(["train", "--quiet", "--dataset", "digits", "--epochs", "1", "--out", "std"], work)
     model = str(work / "std" / "model.safetensors")
     rows = []
-    for name, (cmd, n) in workloads(model, a.quick).items():
+    sizes = (8, 8) if a.quick else (a.certify_examples, a.aa_examples)
+    for name, (cmd, n) in workloads(model, *sizes).items():
         times: dict[int, list[float]] = {1: [], 2: []}
         for r in range(a.repeats):
             for w in (1, 2):
