@@ -294,7 +294,8 @@ def summarize(sweep: Sweep, rows: list[dict[str, Any]]) -> dict[str, Any]:
     names = list(sweep.metrics) if sweep.metrics else sorted({k for r in rows for k in r["metrics"]})
     group_axes = [a for a in sweep.axes if a != SEED]
     groups: dict[tuple, list[dict[str, Any]]] = {}
-    for r in rows:
+    seed_order = (lambda r: float(r["axes"][SEED])) if SEED in sweep.axes else (lambda r: 0.0)
+    for r in sorted(rows, key=seed_order):   # values listed in seed order
         groups.setdefault(tuple(r["axes"][a] for a in group_axes), []).append(r)
     out = []
     for key, rs in groups.items():
@@ -352,6 +353,11 @@ def summary_markdown(summary: dict[str, Any]) -> str:
                          f"({s['min']:.3f}–{s['max']:.3f})")
         rows.append(cells)
     lines.append(md_table(ga + ["cells"] + names, rows))
+    if SEED in summary["axes"]:
+        lines += ["", "Values per group, in seed order:", ""]
+        lines.append(md_table(ga + names, [[g["axes"][a] for a in ga]
+                                           + [" ".join(f"{v:.3g}" for v in g["stats"][m]["values"]) for m in names]
+                                           for g in summary["groups"]]))
     lines += ["", "Per cell:", ""]
     lines.append(md_table(summary["axes"] + names, [[r["axes"][a] for a in summary["axes"]]
                                                      + [_fmt(r["metrics"].get(m)) for m in names]

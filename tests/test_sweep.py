@@ -50,6 +50,21 @@ def test_bad_configs_are_one_line_errors():
         parse_sweep(TINY | {"expect": [{"where": {"x": 1}, "metric": "m", "mean_min": 0}]}, "t")
 
 
+def test_summary_lists_each_groups_values_in_seed_order():
+    from experiments.sweep import parse_sweep, summarize, summary_markdown
+
+    s = parse_sweep(TINY, "t")
+    acc = {(1, "std"): 0.5, (0, "std"): 0.25, (1, "fgsm"): 0.75, (0, "fgsm"): 0.125}
+    rows = [{"cell": c.name, "axes": {"seed": str(c.options["seed"]), "method": m},
+             "metrics": {"train_acc": acc[(c.options["seed"], m)], "train_loss": 1.0}}
+            for c, m in reversed(list(zip(s.cells, ["std", "fgsm", "std", "fgsm"])))]
+    summary = summarize(s, rows)
+    assert {g["axes"]["method"]: g["stats"]["train_acc"]["values"] for g in summary["groups"]} == {
+        "std": [0.25, 0.5], "fgsm": [0.125, 0.75]}
+    md = summary_markdown(summary)
+    assert "Values per group, in seed order:" in md and "| std | 1 1 | 0.25 0.5 |" in md
+
+
 def test_sweep_runs_summarizes_and_resumes(tmp_path):
     from experiments.sweep import parse_sweep, run_sweep
 
