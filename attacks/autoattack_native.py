@@ -3,8 +3,9 @@
 APGD-CE (100 iterations) -> APGD-T (100 iterations, 9 target classes, DLR) -> FAB-T -> Square
 (5,000 queries, p_init 0.8), AutoAttack's settings, each run only on the examples still robust
 and each with per-example early exit (the native engines stop attacking an example as soon as it
-breaks). APGD-CE, APGD-T and (L-inf) Square are native; FAB-T, and Square for L2, run through
-the pyautoattack adapter (Bastion has no native FAB yet). Randomness comes from the attack's
+breaks). APGD-CE, APGD-T, FAB-T (``fab-t``, 100 iterations, 9 target classes; an example leaves
+the search once it is broken within eps) and (L-inf) Square are native; Square for L2 runs through
+the pyautoattack adapter. Randomness comes from the attack's
 generator, so numbers agree with pyautoattack in distribution, not example by example: use the
 ``autoattack`` adapter for leaderboard numbers, this one where AutoAttack-grade numbers are
 needed fast.
@@ -68,6 +69,9 @@ class AutoAttackNative(Attack):
             return create_attack("apgd-t", cfg.threat, steps=steps, n_target_classes=cfg.n_target_classes, **common)
         if name == "square" and cfg.threat.norm == "linf":
             return create_attack("square", cfg.threat, n_queries=cfg.n_queries, **common)
+        if name == "fab-t":
+            return create_attack("fab-t", cfg.threat, steps=steps, n_target_classes=cfg.n_target_classes,
+                                 stop_within_eps=True, **common)
         extra = {"n_queries": cfg.n_queries} if name == "square" else {"steps": steps,
                                                                          "n_target_classes": cfg.n_target_classes}
         return create_attack("autoattack", cfg.threat, version="custom", attacks=(name,), seed=cfg.seed,
