@@ -67,7 +67,7 @@ class AutoAttackNative(Attack):
             return create_attack("apgd-ce", cfg.threat, steps=steps, **common)
         if name == "apgd-t":
             return create_attack("apgd-t", cfg.threat, steps=steps, n_target_classes=cfg.n_target_classes, **common)
-        if name == "square" and cfg.threat.norm == "linf":
+        if name == "square":
             return create_attack("square", cfg.threat, n_queries=cfg.n_queries, **common)
         if name == "fab-t":
             return create_attack("fab-t", cfg.threat, steps=steps, n_target_classes=cfg.n_target_classes,
