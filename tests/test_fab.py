@@ -1,0 +1,120 @@
+"""Native FAB / FAB-T: exact projections, minimal norms within the threat model as reported, and
+the same robust accuracy and minimal norms as pyautoattack's FAB on the same model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attacks import create_attack, list_attacks
+from attacks.fab import FABTargeted, project_on_hyperplane_in_box
+from bastion.errors import ConfigError
+from bastion.threat import ThreatModel, lp_norm
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def batch(digits, mlp):
+    x, y = digits[1].images[:48], digits[1].labels[:48]
+    ok = mlp(x).argmax(1) == y
+    return x[ok][:32], y[ok][:32]
+
+
+def test_registered_and_configured():
+    assert {"fab", "fab-t"} <= set(list_attacks())
+    atk = create_attack("fab-t", "l2:0.5")
+    assert atk.minimum_norm and not atk.bounded
+    cfg = atk.config
+    assert (cfg.steps, cfg.restarts, cfg.alpha_max, cfg.eta, cfg.beta, cfg.n_target_classes) == (100, 1, 0.1, 1.05,
+                                                                                                   0.9, 9)
+    with pytest.raises(ConfigError, match="linf or l2"):
+        create_attack("fab", "l1:2")
+    with pytest.raises(ConfigError, match="beta"):
+        create_attack("fab", "linf:0.1", beta=1.5)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_projection_is_minimal_and_in_the_box(norm):
+    g = torch.Generator().manual_seed(0)
+    t = torch.rand(256, 40, generator=g, dtype=torch.float64)
+    t[t < 0.3] = 0.0                                      # saturated pixels, as in digits
+    w = torch.randn(256, 40, generator=g, dtype=torch.float64)
+    w[torch.rand(256, 40, generator=g) < 0.1] = 0
+    c = torch.randn(256, generator=g, dtype=torch.float64) * torch.where(torch.arange(256) % 2 == 0, 0.5, 20.0)
+    d = project_on_hyperplane_in_box(t, w, c, norm)
+    assert float((t + d).min()) >= 0 and float((t + d).max()) <= 1
+    reached = ((w * d).sum(1) - c).abs() < 1e-9
+    assert reached[::2].float().mean() > 0.9              # small offsets: mostly reachable
+    corner = torch.where(w * torch.sign(c).unsqueeze(1) > 0, 1 - t, t) * torch.sign(w * torch.sign(c).unsqueeze(1))
+    assert torch.allclose(d[~reached], corner[~reached])  # out of reach: the closest box corner
+    aa = pytest.importorskip("pyautoattack.fab_projections")
+    ref_fn = aa.projection_linf if norm == "linf" else aa.projection_l2
+    b = (w * t).sum(1) + c
+    ref = ref_fn(t.float().clone(), w.float().clone(), b.float().clone()).double()
+    both = reached & (((w * ref).sum(1) - c).abs() < 1e-3)
+    assert int(both.sum()) > 100
+    assert torch.allclose(lp_norm(d[both], norm), lp_norm(ref[both], norm), atol=1e-4)
+
+
+@pytest.mark.parametrize("threat", ["linf:0.1", "l2:0.5"])
+def test_fab_t_matches_pyautoattack_and_norms_are_bounded(threat, mlp, batch):
+    pytest.importorskip("pyautoattack")
+    x, y = batch
+    t = ThreatModel.parse(threat)
+    kw = dict(steps=30, n_target_classes=3, progress=False)
+    res = create_attack("fab-t", t, **kw).run(mlp, x, y)
+    t.check(x, res.x_adv)
+    assert bool(torch.isfinite(res.norms).all())
+    assert torch.equal(res.success, res.norms <= t.eps + 1e-6), "broken exactly where the minimal norm is within eps"
+    assert bool((mlp(res.x_adv[res.success]).argmax(1) != y[res.success]).all())
+    assert bool((lp_norm(res.x_adv[res.success] - x[res.success], t.norm) <= res.norms[res.success] + 1e-6).all())
+    ref = create_attack("autoattack", t, version="custom", attacks=("fab-t",), restarts=1, **kw).run(mlp, x, y)
+    acc = (mlp(res.x_adv).argmax(1) == y).float().mean().item()
+    acc_ref = (mlp(ref.x_adv).argmax(1) == y).float().mean().item()
+    assert 0 < acc < 1 and abs(acc - acc_ref) <= 0.04, (acc, acc_ref)
+    fast = create_attack("fab-t", t, stop_within_eps=True, **kw).run(mlp, x, y)
+    assert torch.equal(fast.success, res.success), "stopping within eps must not change what breaks"
+
+
+@pytest.mark.parametrize("norm,big", [("linf", 1.0), ("l2", 8.0)])
+def test_minimal_norms_no_larger_than_pyautoattack_fab(norm, big, mlp, batch):
+    fab_pt = pytest.importorskip("pyautoattack.fab_pt")
+    x, y = batch
+    ours = create_attack("fab", f"{norm}:{big}", steps=30, progress=False).run(mlp, x, y).norms
+    ref = fab_pt.FABAttack_PT(mlp, norm={"linf": "Linf", "l2": "L2"}[norm], n_restarts=1, n_iter=30, eps=big,
+                              seed=0, device=x.device)
+    xa = ref.perturb(x, y)
+    theirs = torch.where(mlp(xa).argmax(1) != y, lp_norm(xa - x, norm), torch.full_like(ours, float("inf")))
+    assert torch.isfinite(ours).sum() >= torch.isfinite(theirs).sum()
+    both = torch.isfinite(ours) & torch.isfinite(theirs)
+    assert float(ours[both].median()) <= float(theirs[both].median()) * 1.02
+
+
+def test_targets_restarts_and_float64(mlp, batch):
+    x, y = batch[0][:12].double(), batch[1][:12]
+    model = mlp.double()
+    try:
+        t = ThreatModel.parse("linf:0.5")
+        goal = (y + 3) % 10
+        res = create_attack("fab", t, targeted=True, steps=30, progress=False).run(model, x, y, y_target=goal)
+        assert res.x_adv.dtype == torch.float64
+        assert (model(res.x_adv).argmax(1) == goal).float().mean() >= 0.9
+        t2 = ThreatModel.parse("l2:0.3")
+        one = create_attack("fab", t2, steps=10, restarts=1, progress=False).run(model, x, y)
+        three = create_attack("fab", t2, steps=10, restarts=3, progress=False).run(model, x, y)
+        t2.check(x, three.x_adv)
+        assert int(three.success.sum()) >= int(one.success.sum())
+        assert bool((three.norms[one.success] <= one.norms[one.success] + 1e-12).all()), "restarts keep the best"
+    finally:
+        mlp.float()
+
+
+def test_autoattack_native_runs_fab_t_natively(mlp, batch):
+    atk = create_attack("autoattack-native", "linf:0.1", steps=10, n_target_classes=3, n_queries=50)
+    part = atk._part("fab-t")
+    assert isinstance(part, FABTargeted) and part.config.stop_within_eps
+    x, y = batch
+    res = create_attack("autoattack-native", "linf:0.1", steps=10, n_target_classes=3, n_queries=50,
+                        parts=("fab-t",)).run(mlp, x, y)
+    assert set(filter(None, res.broken_by)) == {"fab-t"}
