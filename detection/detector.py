@@ -214,32 +214,77 @@ class EPSDetector(Thresholded):
                 "kernel_epochs": self.kernel_cfg.epochs if self.kind == "deep" else None,
                 "final_j": self.history[-1] if self.history else None}
 
-    # -- persistence ----------------------------------------------------------------------------
-    def save(self, path: str | Path) -> Path:
-        """``path.safetensors`` (reference EPS, kernel weights) + ``path.json`` (the rest)."""
-        from safetensors.torch import save_file
+    # -- persistence (detection.checkpoint: safetensors + JSON card, never pickle) --------------
+    def save(self, path: str | Path, score_model_path: str | Path | None = None, fpr: float | None = None,
+             extra: dict[str, Any] | None = None) -> Path:
+        """``path.safetensors`` (reference EPS, kernel weights) + ``path.json`` (the rest, with the
+        threshold and calibration mean/std); ``score_model_path`` lets `load_detector` rebuild the
+        extractor. Returns the card path."""
+        from detection.checkpoint import detector_paths, relative_ref, write_detector
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {} if self.reference is None else {"reference": self.reference.cpu().contiguous()}
+        tensors = {} if self.reference is None else {"reference": self.reference}
         if self.kernel is not None:
-            tensors |= {f"kernel.{k}": v.cpu().contiguous() for k, v in self.kernel.state_dict().items()}
-        save_file(tensors, str(path.with_suffix(".safetensors")))
-        meta = {"kind": self.kind, "name": self.name, "bandwidth": self.bandwidth, "threshold": self.threshold,
-                "feature_only": self.feature_only, "kernel_init": self.kernel_init, "history": self.history,
-                "reference_size": self.reference_size, "seed": self.seed,
-                "kernel_train": dataclasses.asdict(self.kernel_cfg)}
-        path.with_suffix(".json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-        return path
+            tensors |= {f"kernel.{k}": v for k, v in self.kernel.state_dict().items()}
+        cdir = detector_paths(path)[1].parent
+        state = {"bandwidth": self.bandwidth, "feature_only": self.feature_only, "kernel_init": self.kernel_init,
+                 "history": self.history, "reference_size": self.reference_size, "seed": self.seed,
+                 "kernel_train": dataclasses.asdict(self.kernel_cfg)}
+        card = {"name": self.name, "threshold": self.threshold, "center": getattr(self, "center", None),
+                "scale": getattr(self, "scale", None), "fpr": fpr, "classifier": None,
+                "score_model": {"path": relative_ref(score_model_path, cdir), "levels": self.extractor.levels},
+                "state": state, "extra": dict(extra or {})}
+        return write_detector(path, f"eps-{self.kind}", tensors, card)
 
     @classmethod
-    def load(cls, path: str | Path, extractor: EPSExtractor) -> EPSDetector:
-        from safetensors.torch import load_file
+    def load(cls, path: str | Path, extractor: EPSExtractor | None = None,
+             device: str | torch.device | None = None) -> EPSDetector:
+        """A saved EPS detector on ``extractor`` (default: the score model its card names). Reads
+        the checkpoint format of `detection.checkpoint` and, for runs cached before it, the older
+        unsigned ``path.json`` + ``path.safetensors``."""
+        from bastion.errors import CheckpointError
+        from detection.checkpoint import detector_paths, read_detector_card, read_detector_tensors, resolve_ref
 
-        path = Path(path)
-        meta = json.loads(path.with_suffix(".json").read_text())
+        wpath, cpath = detector_paths(path)
+        try:
+            raw = json.loads(cpath.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"detector card {str(cpath)!r} is missing or not JSON ({exc})") from None
+        if isinstance(raw, dict) and "format" not in raw and "kind" in raw:
+            return cls._load_legacy(raw, wpath, extractor)
+        card = read_detector_card(path)
+        if not card["detector"].startswith("eps-"):
+            raise CheckpointError(f"{str(cpath)!r} is a {card['detector']!r} detector, not an EPS one")
+        if extractor is None:
+            from detection.score_model import load_score_model
+
+            sm = card.get("score_model") or {}
+            p = resolve_ref(sm.get("path"), cpath)
+            if p is None:
+                raise CheckpointError(f"detector {str(cpath)!r} names no score model; pass extractor=EPSExtractor(...)")
+            model = load_score_model(str(p), str(device or "cpu"))
+            model.requires_grad_(False)
+            extractor = EPSExtractor(model, int(sm.get("levels") or 20))
+        tensors = read_detector_tensors(path, card)
+        st = card["state"] | {"kind": card["detector"][4:], "name": card["name"], "threshold": card["threshold"]}
+        det = cls._from_state(st, tensors, extractor)
+        if card.get("center") is not None:
+            det.center, det.scale = float(card["center"]), float(card["scale"])
+        return det
+
+    @classmethod
+    def _load_legacy(cls, meta: dict[str, Any], wpath: Path, extractor: EPSExtractor | None) -> EPSDetector:
+        from bastion.checkpoints import load_state
+        from bastion.errors import CheckpointError
+
+        if extractor is None:
+            raise CheckpointError(f"{str(wpath)!r} is an older EPS detector file; pass extractor=EPSExtractor(...)")
+        return cls._from_state(meta, load_state(wpath), extractor)
+
+    @classmethod
+    def _from_state(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor],
+                    extractor: EPSExtractor) -> EPSDetector:
         dev = next(extractor.score_model.parameters()).device
-        tensors = load_file(str(path.with_suffix(".safetensors")), device=str(dev))
+        tensors = {k: v.to(dev) for k, v in tensors.items()}
         det = cls(extractor, meta["kind"], reference_size=meta["reference_size"], feature_only=meta["feature_only"],
                   kernel_init=meta["kernel_init"], seed=meta["seed"], name=meta["name"],
                   kernel=KernelTrainConfig(**meta["kernel_train"]) if "kernel_train" in meta else None)

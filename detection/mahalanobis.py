@@ -20,6 +20,7 @@ fixed, which is what the adaptive attack uses.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -190,3 +191,64 @@ class MahalanobisDetector(Thresholded):
         return {"name": self.name, "kind": "mahalanobis", "layers": self.layers, "magnitude": self.magnitude,
                 "select": self.select, "noise_std": self.noise_std, "threshold": self.threshold,
                 "selection_auroc": {str(k): v for k, v in self.selection_auroc.items()}}
+
+    # -- persistence (detection.checkpoint: safetensors + JSON card, never pickle) --------------
+    def save(self, path: str | Path, classifier_path: str | Path | None = None, fpr: float | None = None,
+             extra: dict[str, Any] | None = None) -> Path:
+        """``path.safetensors`` (class means and tied precision per layer, regression weights) +
+        ``path.json`` (layers, pre-processing magnitude, regression bias, threshold and the
+        calibration mean/std the adaptive attack standardizes with). ``classifier_path``: the
+        checkpoint whose layers the features come from (its sha256 is recorded). Returns the card path."""
+        from bastion.checkpoints import read_card
+        from detection.checkpoint import detector_paths, relative_ref, write_detector
+
+        if self.weights is None or not self.means:
+            raise ConfigError("the Mahalanobis detector is not fitted; call fit() before save()")
+        tensors = {f"means.{l}": m for l, m in enumerate(self.means)}
+        tensors |= {f"precisions.{l}": p for l, p in enumerate(self.precisions)}
+        tensors["weights"] = self.weights
+        cdir = detector_paths(path)[1].parent
+        clf = None if classifier_path is None else {"path": relative_ref(classifier_path, cdir),
+                                                    "sha256": read_card(classifier_path).get("sha256")}
+        state = {"layers": self.layers, "magnitudes": list(self.magnitudes), "magnitude": self.magnitude,
+                 "bias": self.bias, "select": self.select, "noise_std": self.noise_std, "seed": self.seed,
+                 "selection_auroc": {repr(k): v for k, v in sorted(self.selection_auroc.items())}}
+        card = {"name": self.name, "threshold": self.threshold, "center": getattr(self, "center", None),
+                "scale": getattr(self, "scale", None), "fpr": fpr, "classifier": clf, "score_model": None,
+                "state": state, "extra": dict(extra or {})}
+        return write_detector(path, "mahalanobis", tensors, card)
+
+    @classmethod
+    def load(cls, path: str | Path, classifier: nn.Module | None = None,
+             device: str | torch.device = "cpu") -> MahalanobisDetector:
+        """A saved detector on ``classifier`` (default: the checkpoint its card names)."""
+        from bastion.errors import CheckpointError
+        from detection.checkpoint import classifier_from_card, detector_paths, read_detector_card, read_detector_tensors
+
+        card = read_detector_card(path)
+        cpath = detector_paths(path)[1]
+        if card["detector"] != "mahalanobis":
+            raise CheckpointError(f"{str(cpath)!r} is a {card['detector']!r} detector, not a Mahalanobis one")
+        tensors = read_detector_tensors(path, card)
+        st = card["state"]
+        if classifier is None:
+            classifier = classifier_from_card(card, cpath, device)
+        try:
+            det = cls(classifier, st["layers"], magnitudes=st["magnitudes"], noise_std=st["noise_std"],
+                      select=st["select"], seed=st["seed"], name=card["name"])
+            n = len(det.layers)
+            det.means = [tensors[f"means.{l}"].to(device) for l in range(n)]
+            det.precisions = [tensors[f"precisions.{l}"].to(device) for l in range(n)]
+            det.weights = tensors["weights"].to(device)
+            det.magnitude, det.bias = float(st["magnitude"]), float(st["bias"])
+            det.selection_auroc = {float(k): v for k, v in st.get("selection_auroc", {}).items()}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"detector {str(cpath)!r} lacks or mangles a field ({exc})") from None
+        shapes_ok = det.weights.shape == (n,) and all(
+            m.dim() == 2 and p.shape == (m.shape[1], m.shape[1]) for m, p in zip(det.means, det.precisions))
+        if not shapes_ok:
+            raise CheckpointError(f"detector {str(cpath)!r}: tensor shapes do not fit {n} layers")
+        det.threshold = card["threshold"]
+        if card.get("center") is not None:
+            det.center, det.scale = float(card["center"]), float(card["scale"])
+        return det
