@@ -197,8 +197,9 @@ def test_config_errors_are_one_line(tmp_path):
         read_config(write_config(tmp_path / "b", TINY.replace('train = "std"', 'checkpoint = "x"\ntrain = "std"')))
     with pytest.raises(ConfigError, match="not a \\[train"):
         read_config(write_config(tmp_path / "c", TINY.replace('train = "gauss"', 'train = "nope"')))
-    det = TINY.split("[[entry]]")[0] + '[[entry]]\nname = "det"\ntrain = "std"\ndefense = "detector"\n'
-    with pytest.raises(ConfigError, match="defense kind 'detector' needs"):
+    det = TINY.split("[[entry]]")[0] + ('[[entry]]\nname = "det"\ntrain = "std"\ndefense = "detector"\n'
+                                        'detector = { kind = "eps-deep" }\n')
+    with pytest.raises(ConfigError, match="cannot be fitted here"):     # EPS-AD detectors come saved ('path')
         run_leaderboard(read_config(write_config(tmp_path / "d", det)), tmp_path / "d" / "out", Execution(),
                         log=lambda m: None)
 
@@ -208,5 +209,5 @@ def test_shipped_config_parses(name):
     from experiments.leaderboard import read_config
 
     cfg = read_config(ROOT / "experiments" / "configs" / name)
-    assert [e.defense for e in cfg.entries] == ["plain", "plain", "plain", "smoothed"]
+    assert [e.defense for e in cfg.entries] == ["plain", "plain", "plain", "smoothed", "detector"]
     assert {e.train for e in cfg.entries} == set(cfg.train)

@@ -16,6 +16,7 @@ the entries.
     name = "pgd-at"
     train = "pgd"                              # or checkpoint = "path/model.safetensors"
     defense = "plain"                          # plain | randomized | smoothed | mixed | detector
+    detector = { kind = "mahalanobis", fpr = 0.05 }   # defense "detector" only (experiments.leaderboard.detector)
 
 Relative paths (``checkpoint``, ``published``, ``data_root``) are read relative to the config
 file's folder, never the working directory. Unknown keys are a one-line `ConfigError`.
@@ -137,7 +138,7 @@ def _entry(raw: Any, k: int, train: dict[str, Any], where: str) -> Entry:
     return Entry(name=name, defense=str(raw.get("defense", "plain")), checkpoint=raw.get("checkpoint"),
                  train=raw.get("train"), sigma=float(sigma) if sigma is not None else None,
                  num_noise=int(raw.get("num_noise", 32)), eot_iter=int(raw.get("eot_iter", 20)),
-                 certify=certify, detector=dict(raw.get("detector", {})), meta=meta)
+                 certify=certify, detector=dict(_typed(raw.get("detector", {}), dict, "detector", w)), meta=meta)
 
 
 def parse_config(cfg: dict[str, Any], where: str, base: Path) -> LeaderboardConfig:

@@ -18,7 +18,10 @@ attack that broke each example and the report says which attacks ran.
 - ``mixed``: a composite checkpoint of `defenses.adaptive_smoothing` attacked with
   `attacks.mixing.adaptive_suite` (APGD, composite alpha attacks, alpha-first, transfer, Square,
   and AutoAttack under the standard protocol).
-- ``detector``: a hook; see `_detector` for what it needs.
+- ``detector``: a classifier checkpoint guarded by a detector (`experiments.leaderboard.detector`:
+  a saved detector or a Mahalanobis detector fitted on the training split, threshold at a stated
+  clean FPR); the standard protocol against the classifier alone plus the detector-aware
+  APGD/PGD; an attack succeeds only when misclassified AND not detected.
 
 Register another kind with `register_defense(name, build, needs=...)`.
 """
@@ -70,6 +73,7 @@ class Context:
     seed: int
     device: str
     workers: int = 1
+    detector: str | None = None                 # the card of the entry's saved detector (kind ``detector``)
 
 
 @dataclass
@@ -82,6 +86,7 @@ class Defense:
     forward_passes: int = 1
     notes: list[str] = field(default_factory=list)
     certify_radius: Callable[[ThreatModel], float] | None = None
+    info: dict[str, Any] = field(default_factory=dict)   # kind-specific JSON for the entry (detector card fields)
 
 
 Builder = Callable[[Context], Defense]
@@ -103,7 +108,11 @@ def check_defenses(entries: Sequence[Entry]) -> None:
         if e.defense not in _KINDS:
             raise ConfigError(f"entry {e.name!r}: unknown defense {e.defense!r}; use one of {', '.join(_KINDS)}")
         if e.defense == "detector":
-            raise ConfigError(f"entry {e.name!r}: {DETECTOR_MISSING}")
+            from experiments.leaderboard.detector import parse_spec
+
+            parse_spec(e.detector, e.name)
+        elif e.detector:
+            raise ConfigError(f"entry {e.name!r}: a 'detector' table needs defense = \"detector\"")
         if e.defense == "smoothed" and e.sigma is None:
             raise ConfigError(f"entry {e.name!r}: defense 'smoothed' needs sigma (the Gaussian noise level)")
 
@@ -222,13 +231,36 @@ def _mixed(ctx: Context) -> Defense:
     return Defense("mixed", _load(ctx), probes, notes=["adaptive suite of attacks.mixing (composite alpha attacks)"])
 
 
-DETECTOR_MISSING = ("defense kind 'detector' needs a saved, loadable detector + classifier pair (detection/ fits "
-                    "its detectors inside `bastion detect` and has no checkpoint format for them yet); evaluate "
-                    "detectors with `bastion detect`")
-
-
 def _detector(ctx: Context) -> Defense:
-    raise ConfigError(f"entry {ctx.entry.name!r}: {DETECTOR_MISSING}")
+    from experiments.leaderboard import detector as guard
+
+    e = ctx.entry
+    if ctx.detector is None:
+        raise ConfigError(f"entry {e.name!r}: defense 'detector' has no detector (give detector = {{ path = ... }} "
+                          f"or detector = {{ kind = \"mahalanobis\" }})")
+    spec = guard.parse_spec(e.detector, e.name)
+    classifier = _load(ctx)
+    det, card = guard.load_for_entry(ctx.detector, classifier, ctx.checkpoint, e.name)
+    thr = float(card["threshold"])
+    steps = _steps(ctx, None)
+
+    def probes(threats: Sequence[ThreatModel]) -> list[Any]:
+        out: list[Any] = [guard.GuardedCleanProbe(det, thr)]
+        for t in threats:
+            suite = guard.attack_suite(t, det, thr, ctx.protocol, steps, ctx.seed, spec.weight)
+            out.append(guard.GuardedAttackProbe(t, det, thr, suite, name=f"attack@{t}"))
+        return out
+
+    fpr = card.get("fpr")
+    extra = card.get("extra") or {}
+    at = f"{100 * fpr:g}% FPR on {extra.get('calibration_n', '?')} held-out clean training images" \
+        if fpr is not None else "the threshold saved with the detector"
+    notes = [f"{card['detector']} detector '{card.get('name')}' rejects inputs scoring above {thr:.6g} ({at}); "
+             f"a rejected clean input counts as an error",
+             "robust = the clean input accepted and correct, and no attack output misclassified AND undetected",
+             f"detector-aware attacks: APGD-CE on (1 - {spec.weight:g}) CE - {spec.weight:g} x standardized score, "
+             f"PGD with the selective objective (Bryniarski et al. 2022)"]
+    return Defense("detector", classifier, probes, notes=notes, info=guard.card_summary(card))
 
 
 def _load(ctx: Context) -> nn.Module:
@@ -241,4 +273,5 @@ register_defense("plain", _plain, "a checkpoint")
 register_defense("randomized", _randomized, "a checkpoint whose forward pass is random (eot_iter)")
 register_defense("smoothed", _smoothed, "a base checkpoint and sigma (num_noise, certify)")
 register_defense("mixed", _mixed, "a composite checkpoint of defenses.adaptive_smoothing")
-register_defense("detector", _detector, "a saved detector + classifier (not available yet)")
+register_defense("detector", _detector, "a checkpoint and a detector table (a saved detector path, or kind = "
+                  "\"mahalanobis\" fitted on the training split; fpr)")

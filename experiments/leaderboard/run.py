@@ -65,6 +65,35 @@ def train_steps(cfg: LeaderboardConfig, out: Path, ex: Execution, log=print) -> 
     return paths
 
 
+def detector_steps(cfg: LeaderboardConfig, out: Path, trained: dict[str, Path], ex: Execution,
+                   log=print) -> dict[str, Path]:
+    """The detector card of every ``detector`` entry: its saved ``path``, or one fitted from its
+    classifier on the training split into ``OUT/detectors/<entry>`` (reused while unchanged)."""
+    from bastion.checkpoints import read_card
+    from bastion.data import load_dataset
+    from detection.checkpoint import detector_paths
+    from experiments.leaderboard.detector import fit_detector, parse_spec
+
+    paths: dict[str, Path] = {}
+    for entry in cfg.entries:
+        if entry.defense != "detector":
+            continue
+        spec = parse_spec(entry.detector, entry.name)
+        if spec.path:
+            card = detector_paths(cfg.path(spec.path))[1]
+            if not card.is_file():
+                raise ConfigError(f"entry {entry.name!r}: detector {str(card)!r} not found (a saved detector is "
+                                  f"NAME.safetensors + NAME.json, see detection.checkpoint)")
+            paths[entry.name] = card
+            continue
+        ckpt = checkpoint_of(cfg, entry, trained)
+        size = int(read_card(ckpt)["input_shape"][-1])
+        root = cfg.path(cfg.data_root)
+        train = load_dataset(cfg.dataset, "train", str(root) if root else None, image_size=cfg.image_size or size)
+        paths[entry.name] = fit_detector(spec, ckpt, train, out / "detectors" / entry.name, cfg.seed, ex.device, log)
+    return paths
+
+
 def checkpoint_of(cfg: LeaderboardConfig, entry: Entry, trained: dict[str, Path]) -> str:
     if entry.train:
         return str(trained[entry.train])
@@ -105,6 +134,7 @@ def run_leaderboard(cfg: LeaderboardConfig, out: str | Path, ex: Execution | Non
     check_defenses(cfg.entries)
     published = read_published(cfg.path(cfg.published)) if cfg.published else []
     trained = train_steps(cfg, out, ex, log)
+    detectors = detector_steps(cfg, out, trained, ex, log)
     rows: list[dict[str, Any]] = []
     data_cache: dict[Any, Any] = {}
     for entry in cfg.entries:
@@ -115,8 +145,12 @@ def run_leaderboard(cfg: LeaderboardConfig, out: str | Path, ex: Execution | Non
             data_cache[size] = load_data(cfg, size)
         data = data_cache[size]
         check_data_fits(data, card, f"entry {entry.name!r}")
-        ctx = Context(entry, ckpt, card, cfg.protocol, cfg.steps, cfg.seed, ex.device, ex.workers)
+        ctx = Context(entry, ckpt, card, cfg.protocol, cfg.steps, cfg.seed, ex.device, ex.workers,
+                      detector=str(detectors[entry.name]) if entry.name in detectors else None)
         defense = build_defense(ctx)
+        if entry.name in detectors:   # a path that does not depend on where OUT is
+            spec_path = entry.detector.get("path")
+            defense.info["path"] = spec_path or str(Path("detectors") / f"{entry.name}.json")
         for threat in cfg.threats:
             run_dir = out / "runs" / entry.name / slug(threat)
             threats = threats_of_run(cfg, threat)
@@ -125,6 +159,8 @@ def run_leaderboard(cfg: LeaderboardConfig, out: str | Path, ex: Execution | Non
                 "entry": entry.name, "defense": entry.defense, "sigma": entry.sigma, "num_noise": entry.num_noise,
                 "eot_iter": entry.eot_iter, "certify": entry.certify, "model_sha256": card.get("sha256"),
                 "threats": [str(t) for t in threats]}
+            if entry.defense == "detector":   # only here, so the other entries' stamps (and runs) stay valid
+                config |= {"detector": entry.detector, "detector_sha256": defense.info.get("sha256")}
             opts = dataclasses.replace(ex, batch_size=cfg.batch_size, seed=cfg.seed)
             log(f"[leaderboard] {entry.name} @ {threat}: {len(probes)} probes -> {run_dir}")
             doc = evaluate(defense.model, data, probes, run_dir, config, opts=opts,
@@ -200,7 +236,29 @@ def entry_json(cfg: LeaderboardConfig, entry: Entry, card: dict[str, Any], defen
         "run_dir": str(Path("runs") / entry.name / slug(threat)), "config_digest": digest,
         "model_sha256": card.get("sha256"), "missing": int(rb.get("missing", 0)),
     }
+    if defense.kind == "detector":
+        row["bastion"]["detector"] = detector_json(defense.info, section_data(doc, "detector_defense"), key)
+        if row["footnote"] is None:
+            row["footnote"] = ("Classifier + detector: clean accuracy counts rejected clean inputs as errors; an "
+                               "adversarial example counts only when misclassified and not detected.")
     return row
+
+
+def detector_json(info: dict[str, Any], d: dict[str, Any], threat: str) -> dict[str, Any]:
+    """The detector fields of an entry (rates as percent numbers): its card's FPR target, threshold
+    and realized calibration FPR, the clean test FPR (rejected clean test inputs), and the detection
+    rate under each attack at ``threat`` (misclassified adversarial examples that were flagged)."""
+    t = d["threats"].get(threat, {})
+    per = {k: {"attacked": v["attacked"], "misclassified": v["fooled"], "misclassified_detected": v["fooled_detected"],
+               "detection_rate": pct(v["detection_rate"]), "broke": v["broke"]}
+           for k, v in sorted(t.get("per_attack", {}).items())}
+    info = info | {"fpr_target": pct(info.get("fpr_target")), "calibration_fpr": pct(info.get("calibration_fpr"))}
+    return info | {"test_fpr": pct(d["clean_rejection_rate"]),
+                   "classifier_clean_acc": pct(d["classifier_clean_accuracy"]),
+                   "detection_rate_under_attack": pct(t.get("detection_rate")),
+                   "classifier_fooled_rate": pct(t.get("classifier_fooled_rate")), "per_attack_detection": per,
+                   "clean_acc_definition": "accepted by the detector and correctly classified",
+                   "attacker_success": "misclassified and not detected"}
 
 
 THREAT_NAMES = {"linf": "Linf", "l2": "L2"}
