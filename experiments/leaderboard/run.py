@@ -237,7 +237,14 @@ def entry_json(cfg: LeaderboardConfig, entry: Entry, card: dict[str, Any], defen
         "model_sha256": card.get("sha256"), "missing": int(rb.get("missing", 0)),
     }
     if defense.kind == "detector":
-        row["bastion"]["detector"] = detector_json(defense.info, section_data(doc, "detector_defense"), key)
+        det = row["bastion"]["detector"] = detector_json(defense.info, section_data(doc, "detector_defense"), key)
+        rates = ", ".join(f"{k} {'-' if v['detection_rate'] is None else v['detection_rate']}"
+                          for k, v in det["per_attack_detection"].items())
+        row["bastion"]["notes"] = list(defense.notes) + [
+            f"clean test inputs: classifier accuracy {det['classifier_clean_acc']}%, rejected {det['test_fpr']}% "
+            f"(test FPR; target {det['fpr_target']}% on calibration)",
+            f"detection rate under attack: {det['detection_rate_under_attack']}% of the misclassified adversarial "
+            f"examples were flagged (per attack, %: {rates})"]
         if row["footnote"] is None:
             row["footnote"] = ("Classifier + detector: clean accuracy counts rejected clean inputs as errors; an "
                                "adversarial example counts only when misclassified and not detected.")
