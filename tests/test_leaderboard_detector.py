@@ -176,3 +176,17 @@ def test_killed_and_resumed_to_identical_json(board):
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert outputs(out) == outputs(board["out"])
+
+
+@pytest.mark.slow
+def test_two_local_workers_give_identical_json(board):
+    import shutil
+
+    from experiments.leaderboard import Execution, read_config, run_leaderboard
+
+    out = board["folder"] / "out_workers"
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(board["out"] / "train", out / "train")
+    run_leaderboard(read_config(board["folder"] / "lb.toml"), out, Execution(quiet=True, workers=2, shard_size=4),
+                    log=lambda m: None)
+    assert outputs(out) == outputs(board["out"])
