@@ -108,31 +108,41 @@ def project_on_hyperplane_in_box(t: torch.Tensor, w: torch.Tensor, c: torch.Tens
     return direction * move
 
 
-def _boundary(model: nn.Module, x1: torch.Tensor, shape: tuple[int, ...], y: torch.Tensor,
+def _forward(model: nn.Module, pts: torch.Tensor, shape: tuple[int, ...], keep_graph: bool = True
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits at the flat points ``pts`` (B, D), with the graph kept for gradients (``keep_graph``)."""
+    xg = pts.detach().view(-1, *shape).requires_grad_(keep_graph)
+    with torch.set_grad_enabled(keep_graph):
+        return xg, model(xg)
+
+
+def _boundary(xg: torch.Tensor, logits: torch.Tensor, keep: torch.Tensor | None, y: torch.Tensor,
               target: torch.Tensor | None, hit_target: bool, norm: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The linearized boundary at x1 (B, D): value ``h`` (B,) and gradient ``g`` (B, D) of
-    ``h = z_t - z_o``, negative while not adversarial. Untargeted (``target`` None): o = y and t
-    the class with the nearest linearized boundary; FAB-T: o = y; ``hit_target``: o = the best
-    class other than the target."""
-    xg = x1.detach().view(-1, *shape).requires_grad_(True)
+    """The linearized boundary at the rows ``keep`` (all when None) of a forward pass ``logits =
+    model(xg)``: value ``h`` (B,) and gradient ``g`` (B, D) of ``h = z_t - z_o``, negative while not
+    adversarial. Untargeted (``target`` None): o = y and t the class whose linearized boundary is
+    nearest in ``norm``; FAB-T: o = y; ``hit_target``: o = the best class other than the target."""
     with torch.enable_grad():
-        logits = model(xg)
+        z = logits if keep is None else logits[keep]
         rows = torch.arange(len(y), device=y.device)
+
+        def grad_of(out: torch.Tensor, retain: bool = False) -> torch.Tensor:
+            (g,) = torch.autograd.grad(out.sum(), xg, retain_graph=retain)
+            g = g.flatten(1)
+            return g if keep is None else g[keep]
+
         if target is not None:
             if hit_target:
-                other = logits.detach().clone()
+                other = z.detach().clone()
                 other[rows, target] = float("-inf")
                 own = other.argmax(1)
             else:
                 own = y
-            h = logits[rows, target] - logits[rows, own]
-            (g,) = torch.autograd.grad(h.sum(), xg)
-            return h.detach(), g.flatten(1)
-        grads = [torch.autograd.grad(logits[:, j].sum(), xg, retain_graph=j < logits.shape[1] - 1)[0].flatten(1)
-                 for j in range(logits.shape[1])]
-    jac = torch.stack(grads, 1)                                   # (B, K, D)
-    z = logits.detach()
-    hs = z - z[rows, y].unsqueeze(1)
+            h = z[rows, target] - z[rows, own]
+            return h.detach(), grad_of(h)
+        jac = torch.stack([grad_of(z[:, j], retain=j < z.shape[1] - 1) for j in range(z.shape[1])], 1)  # (B, K, D)
+    zd = z.detach()
+    hs = zd - zd[rows, y].unsqueeze(1)
     gs = jac - jac[rows, y].unsqueeze(1)
     dual = gs.abs().sum(2) if norm == "linf" else gs.norm(dim=2)
     dist = hs.abs() / (dual + _TINY)
@@ -148,9 +158,12 @@ def fab_search(model: nn.Module, x0: torch.Tensor, y: torch.Tensor, start: torch
     """One FAB run (see the module docstring) from ``start`` around the clean points ``x0`` (N, ...).
 
     Success: prediction != y, or == target with ``hit_target``. ``stop_within_eps``: drop an example
-    from the search once it has an adversarial point within ``eps``. Returns (best adversarial point, x0 where
-    none; its norm, inf where none; the step at which an adversarial point within eps was first
-    found, -1 if never), shapes (N, ...), (N,), (N,)."""
+    from the search once it has an adversarial point within ``eps``. Returns (best adversarial
+    point, x0 where none; its norm, inf where none; the step at which an adversarial point within
+    eps was first found, -1 if never), shapes (N, ...), (N,), (N,).
+
+    Each step costs one forward pass with its graph (the prediction check of the new iterate is
+    also the next linearization) plus one more for the iterates pulled back after a success."""
     shape = tuple(x0.shape[1:])
     n = x0.shape[0]
     x0f = x0.flatten(1)
@@ -158,41 +171,62 @@ def fab_search(model: nn.Module, x0: torch.Tensor, y: torch.Tensor, start: torch
     best = x0f.clone()
     best_norm = torch.full((n,), float("inf"), dtype=x0.dtype, device=x0.device)
     first = torch.full((n,), -1, dtype=torch.long, device=x0.device)
-    active = torch.ones(n, dtype=torch.bool, device=x0.device)
+    idx = torch.arange(n, device=x0.device)              # the rows still searched, in the graphs' order
+    graphs = [(*_forward(model, x1, shape), None)]       # (inputs, logits, rows kept or None)
     for i in range(steps):
-        idx = active.nonzero().flatten()
         if idx.numel() == 0:
             break
-        whole = idx.numel() == n
-        a, o, ya = (x1, x0f, y) if whole else (x1[idx], x0f[idx], y[idx])
-        ta = None if target is None else (target if whole else target[idx])
-        h, g = _boundary(model, a, shape, ya, ta, hit_target, norm)
+        ya = y[idx]
+        ta = None if target is None else target[idx]
+        hs, gs, at = [], [], 0
+        for xg, z, keep in graphs:
+            m = z.shape[0] if keep is None else int(keep.sum())
+            h_, g_ = _boundary(xg, z, keep, ya[at:at + m], None if ta is None else ta[at:at + m], hit_target, norm)
+            hs.append(h_)
+            gs.append(g_)
+            at += m
+        graphs = []
+        h, g = (hs[0], gs[0]) if len(hs) == 1 else (torch.cat(hs), torch.cat(gs))
+        a, o = x1[idx], x0f[idx]
         with torch.no_grad():
             # the hyperplane h + g . (z - x1) = 0, reached from x1 and from x0
-            c1 = -h
             c0 = (g * (a - o)).sum(1) - h
-            d = project_on_hyperplane_in_box(torch.cat([a, o]), torch.cat([g, g]), torch.cat([c1, c0]), norm)
+            d = project_on_hyperplane_in_box(torch.cat([a, o]), torch.cat([g, g]), torch.cat([-h, c0]), norm)
             d1, d0 = d.chunk(2)
             n1 = lp_norm(d1, norm).clamp_min(1e-8)
             n0 = lp_norm(d0, norm).clamp_min(1e-8)
             alpha = (n1 / (n1 + n0)).clamp(0, alpha_max).unsqueeze(1)
             a = ((1 - alpha) * (a + eta * d1) + alpha * (o + eta * d0)).clamp(0, 1)
-            pred = model(a.view(-1, *shape)).argmax(1)
+        last = i == steps - 1
+        xg, z = _forward(model, a, shape, keep_graph=not last)
+        with torch.no_grad():
+            pred = z.detach().argmax(1)
             adv = pred == ta if hit_target else pred != ya
             dist = lp_norm(a - o, norm)
-            better = adv & (dist < (best_norm if whole else best_norm[idx]))
-            pos = idx[better]
-            best[pos] = a[better]
-            best_norm[pos] = dist[better]
+            better = adv & (dist < best_norm[idx])
+            best[idx[better]] = a[better]
+            best_norm[idx[better]] = dist[better]
             new = idx[adv & (dist <= eps)]
             first[new] = torch.where(first[new] < 0, torch.full_like(first[new], i + 1), first[new])
             a = torch.where(adv.unsqueeze(1), o + beta * (a - o), a)
-            if whole:
-                x1 = a
-            else:
-                x1[idx] = a
-            if stop_within_eps:
-                active &= ~(best_norm <= eps)
+            x1[idx] = a
+        if last:
+            break
+        keep = ~adv
+        redo = adv & ~(best_norm[idx] <= eps) if stop_within_eps else adv
+        n_keep, n_redo = int(keep.sum()), int(redo.sum())
+        # the graph's backward passes (K of them untargeted) also run over its pulled-back rows:
+        # worth reusing only while those are few, else one fresh forward pass for every row
+        backward_passes = 1 if target is not None else z.shape[1]
+        if n_keep and (2 * backward_passes + 1) * (z.shape[0] - n_keep) < z.shape[0]:
+            graphs.append((xg, z, None if n_keep == z.shape[0] else keep))
+            if n_redo:
+                graphs.append((*_forward(model, a[redo], shape), None))
+            idx = torch.cat([idx[keep], idx[redo]])
+        else:
+            idx = idx[keep | redo]
+            if idx.numel():
+                graphs.append((*_forward(model, x1[idx], shape), None))
     return best.view_as(x0), best_norm, first
 
 
