@@ -69,7 +69,8 @@ def test_detector_entry_has_robustbench_and_detector_fields(board):
     assert d["autoattack_acc"] <= d["clean_acc"] and "detector" in d["footnote"]
     b = d["bastion"]
     assert b["defense"] == "detector"
-    assert b["attacks"] == ["apgd-ce", "apgd-t", "detector-aware-apgd", "detector-aware-pgd-selective"]
+    assert b["attacks"] == ["apgd-ce", "apgd-t", "detector-aware-apgd-margin", "detector-aware-apgd-selective",
+                            "detector-aware-pgd-selective"]
     det = b["detector"]
     assert det["kind"] == "mahalanobis" and det["path"] == "detectors/maha.json" and det["fpr_target"] == 5.0
     assert det["calibration_n"] == 40 and det["calibration_fpr"] <= 5.0

@@ -20,8 +20,8 @@ attack that broke each example and the report says which attacks ran.
   and AutoAttack under the standard protocol).
 - ``detector``: a classifier checkpoint guarded by a detector (`experiments.leaderboard.detector`:
   a saved detector or a Mahalanobis detector fitted on the training split, threshold at a stated
-  clean FPR); the standard protocol against the classifier alone plus the detector-aware
-  APGD/PGD; an attack succeeds only when misclassified AND not detected.
+  clean FPR); the standard protocol against the classifier alone plus detector-aware APGD/PGD;
+  an attack succeeds only when misclassified AND not detected.
 
 Register another kind with `register_defense(name, build, needs=...)`.
 """
@@ -258,9 +258,10 @@ def _detector(ctx: Context) -> Defense:
     notes = [f"{card['detector']} detector '{card.get('name')}' rejects inputs scoring above {thr:.6g} ({at}); "
              f"a rejected clean input counts as an error",
              "robust = the clean input accepted and correct, and no attack output misclassified AND undetected",
-             f"detector-aware attacks: APGD-CE on (1 - {spec.weight:g}) CE - {spec.weight:g} x standardized score, "
-             f"PGD with the selective objective (Bryniarski et al. 2022)"]
-    return Defense("detector", classifier, probes, notes=notes, info=guard.card_summary(card))
+             f"detector-aware attacks: APGD on (1 - {spec.weight:g}) margin - {spec.weight:g} x standardized score, "
+             f"APGD and PGD with the selective objective (Bryniarski et al. 2022)"]
+    info = guard.card_summary(card) | {"adaptive_attacks": list(guard.ADAPTIVE), "adaptive_weight": spec.weight}
+    return Defense("detector", classifier, probes, notes=notes, info=info)
 
 
 def _load(ctx: Context) -> nn.Module:

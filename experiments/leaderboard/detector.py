@@ -22,9 +22,9 @@ every attack's output is either classified correctly or rejected: an adversarial
 success for the attacker only if it is misclassified AND not detected. The attack suite per
 threat model, each on the examples still robust: the standard protocol against the classifier
 alone (AutoAttack standard; fast: APGD-CE + APGD-T), then the detector-aware attacks
-(`attacks.adaptive.DetectorObjective` through native APGD-CE, objective ``(1-w) CE - w *
-standardized score``, and PGD in Bryniarski's ``selective`` mode), whose own success criterion is
-misclassified and under the threshold. Records also keep each attack's prediction and detection,
+(`attacks.adaptive.DetectorObjective` through native APGD, objective ``(1-w) margin - w *
+standardized score``, and APGD and PGD in Bryniarski's ``selective`` mode), whose own success
+criterion is misclassified and under the threshold. Records also keep each attack's prediction and detection,
 so the report gives the detection rate under attack (misclassified adversarial examples flagged).
 """
 
@@ -312,10 +312,16 @@ class GuardedAttackProbe:
                 for j, i in enumerate(indices.tolist())]
 
 
+ADAPTIVE = ("detector-aware-apgd-margin", "detector-aware-apgd-selective", "detector-aware-pgd-selective")
+
+
 def attack_suite(threat: ThreatModel, detector, threshold: float, protocol: str, steps: int | None, seed: int,
                  weight: float) -> list[tuple[str, Any]]:
     """The suite a detector entry needs: the standard protocol against the classifier alone, then
-    the detector-aware APGD-CE (sum objective) and PGD (selective objective)."""
+    three detector-aware attacks (`DetectorObjective`, success = misclassified and under the
+    threshold): APGD on ``(1 - w) margin - w * standardized score``, and APGD and PGD with the
+    selective objective (Bryniarski et al.). The margin, not CE, in the sum: with CE (w 0.5) the
+    sum left 88.67% robust on digits where the margin sum left 52.00% (20 and 100 steps alike)."""
     from attacks import create_attack
     from attacks.adaptive import DetectorObjective
 
@@ -329,12 +335,11 @@ def attack_suite(threat: ThreatModel, detector, threshold: float, protocol: str,
         adaptive_steps = s
     module = detector.differentiable()
     t = module.standardize(threshold)
-    sum_obj = DetectorObjective(module, weight=weight, threshold=t, base="ce", mode="sum")
-    sel_obj = DetectorObjective(module, threshold=t, base="ce", mode="selective")
-    suite.append(("detector-aware-apgd", create_attack("apgd-ce", threat, steps=adaptive_steps, seed=seed,
-                                                       objective=sum_obj)))
-    suite.append(("detector-aware-pgd-selective", create_attack("pgd", threat, steps=adaptive_steps, seed=seed,
-                                                                objective=sel_obj)))
+    objectives = (DetectorObjective(module, weight=weight, threshold=t, base="margin", mode="sum"),
+                  DetectorObjective(module, threshold=t, base="ce", mode="selective"),
+                  DetectorObjective(module, threshold=t, base="ce", mode="selective"))
+    for label, engine, obj in zip(ADAPTIVE, ("apgd-ce", "apgd-ce", "pgd"), objectives):
+        suite.append((label, create_attack(engine, threat, steps=adaptive_steps, seed=seed, objective=obj)))
     return suite
 
 

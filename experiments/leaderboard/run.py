@@ -160,7 +160,8 @@ def run_leaderboard(cfg: LeaderboardConfig, out: str | Path, ex: Execution | Non
                 "eot_iter": entry.eot_iter, "certify": entry.certify, "model_sha256": card.get("sha256"),
                 "threats": [str(t) for t in threats]}
             if entry.defense == "detector":   # only here, so the other entries' stamps (and runs) stay valid
-                config |= {"detector": entry.detector, "detector_sha256": defense.info.get("sha256")}
+                config |= {"detector": entry.detector, "detector_sha256": defense.info.get("sha256"),
+                           "adaptive_attacks": defense.info.get("adaptive_attacks")}
             opts = dataclasses.replace(ex, batch_size=cfg.batch_size, seed=cfg.seed)
             log(f"[leaderboard] {entry.name} @ {threat}: {len(probes)} probes -> {run_dir}")
             doc = evaluate(defense.model, data, probes, run_dir, config, opts=opts,
