@@ -191,3 +191,20 @@ def test_two_local_workers_give_identical_json(board):
     run_leaderboard(read_config(board["folder"] / "lb.toml"), out, Execution(quiet=True, workers=2, shard_size=4),
                     log=lambda m: None)
     assert outputs(out) == outputs(board["out"])
+
+
+@pytest.mark.slow
+def test_standard_protocol_runs_autoattack_then_the_detector_aware_attacks(board):
+    import shutil
+
+    folder = board["folder"] / "standard"
+    shutil.rmtree(folder, ignore_errors=True)
+    (folder / "out").mkdir(parents=True)
+    shutil.copytree(board["out"] / "train", folder / "out" / "train")
+    run(folder, TINY.replace('protocol = "fast"', 'protocol = "standard"').replace("max = 12", "max = 8"),
+        folder / "out")
+    d = json.loads((folder / "out/model_info/digits/Linf/maha.json").read_text())
+    assert d["bastion"]["attacks"] == ["autoattack", "detector-aware-apgd-margin", "detector-aware-apgd-selective",
+                                       "detector-aware-pgd-selective"]
+    assert all(k.startswith(("autoattack/", "detector-aware-")) for k in d["bastion"]["attack_attribution"])
+    assert d["autoattack_acc"] <= d["clean_acc"]

@@ -198,8 +198,9 @@ class GuardRecord(BaseRecord):
     """One example of a classifier + detector. ``threat`` None: the clean input (``pred`` -1 when
     the detector rejected it; ``correct`` = accepted and right). Otherwise the suite of ``attack``
     at ``threat``: ``correct`` False once an attack's output was misclassified and not detected
-    (``broken_by``), or when the clean input was already wrong or rejected. ``outcomes``: per attack
-    that ran on the example, its output's ``pred``, ``detected`` and ``score``."""
+    (``broken_by``: the attack, ``autoattack/<part>`` for AutoAttack's parts), or when the clean
+    input was already wrong or rejected. ``outcomes``: per attack that ran on the example, its
+    output's ``pred``, ``detected`` and ``score``."""
 
     kind: ClassVar[str] = "guarded"
     threat: str | None = None
@@ -302,7 +303,8 @@ class GuardedAttackProbe:
                 outcomes[i][label] = {"pred": int(p[j]), "detected": det, "score": float(s[j])}
                 if bool(p[j] != y[i]) and not det:
                     robust[i] = False
-                    broken_by[i], pred[i] = label, p[j]
+                    part = res.broken_by[j] if getattr(res, "broken_by", None) is not None else None
+                    broken_by[i], pred[i] = (f"{label}/{part}" if part else label), p[j]
                     st = int(res.step[j]) if res.step is not None else -1
                     step[i] = st if st >= 0 else None
         return [GuardRecord(index=int(i), probe=self.name, label=int(y[j]), pred=int(pred[j]), correct=bool(robust[j]),
@@ -392,7 +394,7 @@ def fold_guarded(records: list[BaseRecord], ctx: FoldContext) -> list[dict[str, 
                 fooled = o["pred"] != r.label
                 c["fooled"] += int(fooled)
                 c["fooled_detected"] += int(fooled and o["detected"])
-                c["broke"] += int(r.broken_by == name)
+                c["broke"] += int(r.broken_by is not None and r.broken_by.split("/")[0] == name)
                 f_any |= fooled
             fooled_any += int(f_any)
         total_f = sum(c["fooled"] for c in per.values())
