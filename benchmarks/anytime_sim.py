@@ -1,18 +1,31 @@
-"""Anytime mode against a Bernoulli oracle: wrong-decision rates and samples over a grid of pA.
+"""Anytime mode against a Bernoulli oracle, and replayed on recorded noise: wrong decisions, agreement
+with exact mode and samples.
 
-For each pA (0.5 .. 0.9999, plus the thresholds of the table radii themselves, the hardest case)
-and many seeds, run the stopping rule of `certify.anytime` (the very `AnytimeRun` the certifier
-drives) with Binomial draws between looks, and report
+**Oracle** (default). For each pA (0.5 .. 0.9999, plus the thresholds of the table radii themselves,
+the hardest case) and many seeds, run the stopping rule of `certify.anytime` (the very `AnytimeRun`
+the certifier drives) with Binomial draws between looks, then complete each stream to n to get exact
+mode's answer on the same samples, and report
 
 - the rate of *wrong certificates* (certified at a table radius whose threshold is above pA: the
-  event the guarantee bounds by alpha), and of *wrong decisions* of any kind (also "not certified"
-  decided by the upper bound U < p_j while pA >= p_j), with the maximum over the grid;
-- mean estimation samples per example, next to exact mode's fixed n and today's doubling
+  event the guarantee bounds by alpha) and of wrong *"provably not"* decisions (the down test at a
+  threshold ``p_j <= pA``), with the maximum over the grid;
+- the rate of *disagreement* with exact mode on the same stream (any table radius), and of declines
+  (the futility rule: "undecided within the budget", no claim);
+- mean samples per example (n0 + estimation), next to exact mode's fixed n and today's doubling
   sequential mode (`certify.smoothing.Sequential`, stop radius = the largest table radius),
   replicated here on the same oracle.
 
-    python benchmarks/anytime_sim.py                      # full table (alpha 0.001 and 0.05, 2000 seeds)
+**Replay** (``--record``, then ``--replay``). ``--record FILE`` draws, for every ``--every``-th digits
+test image and the quickstart's digits model, exact mode's whole noise stream (the selection counts
+and the count of cA in each noise block of 100, the very blocks `certify.smoothing` draws) and saves
+it (npz, no pickle). ``--replay FILE`` then runs anytime mode's decisions on those streams: the
+samples and certificates are exactly those the certifier would produce (its looks read the same
+blocks), next to exact mode's at n, for several rules in seconds.
+
+    python benchmarks/anytime_sim.py                      # oracle table (alpha 0.001 and 0.05, 2000 seeds)
     python benchmarks/anytime_sim.py --seeds 200 --quick  # a smoke run
+    python benchmarks/anytime_sim.py --record runs/anytime-replay/blocks_every3.npz --every 3   # ~15M samples
+    python benchmarks/anytime_sim.py --replay runs/anytime-replay/blocks_every3.npz
 """
 
 from __future__ import annotations
@@ -65,10 +78,11 @@ def doubling_samples(p_a: float, seeds: int, n: int, alpha: float, sigma: float,
     return used
 
 
-def table(alpha: float, seeds: int, n: int, n0: int, sigma: float, grid: list[float], seed: int) -> dict:
+def table(alpha: float, seeds: int, n: int, n0: int, sigma: float, grid: list[float], seed: int,
+          rule: Anytime | None = None) -> dict:
     radii = table_radii(4 * sigma)
-    rule = Anytime(radii=tuple(radii))
-    thr = rule.thresholds(sigma)
+    rule = rule or Anytime(radii=tuple(radii))
+    thr = rule.thresholds(sigma, n, alpha)
     ps = sorted(set(grid) | {float(t) for t in thr if t < 1})
     rng = np.random.default_rng(seed)
     rows = []
@@ -76,17 +90,112 @@ def table(alpha: float, seeds: int, n: int, n0: int, sigma: float, grid: list[fl
         t0 = time.perf_counter()
         r = simulate(rule, p, seeds, n, alpha, sigma, rng)
         dbl = doubling_samples(p, min(seeds, 500), n, alpha, sigma, radii, rng)
-        rows.append({"p_a": p, "wrong_certified": float(r.wrong_certified.mean()), "wrong_any": float(r.wrong.mean()),
+        rows.append({"p_a": p, "wrong_certified": float(r.wrong_certified.mean()),
+                     "wrong_provably_not": float(r.wrong_rejected.mean()), "wrong_any": float(r.wrong.mean()),
+                     "disagree_exact": float(r.disagree.any(axis=1).mean()),
+                     "declined": float(r.declined.any(axis=1).mean()),
                      "mean_samples": float(r.samples.mean() + n0), "doubling_mean_samples": float(dbl.mean() + n0),
                      "fixed_samples": n0 + n, "at_cap": float((r.samples >= n).mean()),
                      "seconds": time.perf_counter() - t0})
         x = rows[-1]
-        print(f"alpha {alpha:g} pA {p:.6f}: wrong cert {x['wrong_certified']:.4f} any {x['wrong_any']:.4f} | samples "
-              f"anytime {x['mean_samples']:.0f} doubling {x['doubling_mean_samples']:.0f} fixed {n0 + n} "
-              f"(at cap {x['at_cap']:.2f})", flush=True)
-    return {"alpha": alpha, "seeds": seeds, "n": n, "n0": n0, "sigma": sigma, "radii": radii, "rows": rows,
+        print(f"alpha {alpha:g} pA {p:.6f}: wrong cert {x['wrong_certified']:.4f} not {x['wrong_provably_not']:.4f} "
+              f"| disagree {x['disagree_exact']:.4f} | samples anytime {x['mean_samples']:.0f} doubling "
+              f"{x['doubling_mean_samples']:.0f} fixed {n0 + n} (at cap {x['at_cap']:.2f})", flush=True)
+    return {"alpha": alpha, "seeds": seeds, "n": n, "n0": n0, "sigma": sigma, "radii": radii,
+            "futility": rule.futility, "rows": rows,
             "max_wrong_certified": max(x["wrong_certified"] for x in rows),
-            "max_wrong_any": max(x["wrong_any"] for x in rows)}
+            "max_wrong_provably_not": max(x["wrong_provably_not"] for x in rows),
+            "max_wrong_any": max(x["wrong_any"] for x in rows),
+            "max_disagree_exact": max(x["disagree_exact"] for x in rows)}
+
+
+# --- replay on recorded noise streams ---------------------------------------------------------------
+
+def record(path: str, every: int, n: int = 100_000, n0: int = 100, sigma: float = 0.25, batch: int = 1000) -> None:
+    """Exact mode's noise streams on the quickstart's digits model: selection counts and, per noise block,
+    the count of cA (the estimation blocks `certify.smoothing` draws for example ``index``)."""
+    import importlib.util
+
+    import torch
+
+    from bastion.data import load_dataset
+    from certify.smoothing import NOISE_BLOCK, Request, Smooth
+
+    spec = importlib.util.spec_from_file_location("bench_certify", Path(__file__).with_name("certify.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)  # type: ignore[union-attr]
+    torch.set_num_threads(1)
+    model = bench.train_quickstart_model(sigma, 15)
+    sub = load_dataset("digits", "test").every(every)
+    smooth = Smooth(model, 10, sigma, seed=0)
+    xs, idx, k = smooth._prepare(sub.images), sub.indices.tolist(), n // NOISE_BLOCK
+    sel = np.zeros((len(idx), 10), np.int64)
+    blocks = np.zeros((len(idx), k), np.int32)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(len(idx)):
+            reqs = [Request(0, 0, "select", 0, n0, n0)] + [
+                Request(0, 1 + b, "estimate", b * NOISE_BLOCK, (b + 1) * NOISE_BLOCK, n) for b in range(k)]
+            c = smooth.sampler.count(xs[i:i + 1], [idx[i]], reqs, 1 + k, batch).cpu().numpy()
+            sel[i], blocks[i] = c[0], c[1:, int(np.argmax(c[0]))]
+            print(f"{i + 1}/{len(idx)} index {idx[i]}: nA {blocks[i].sum()} ({time.perf_counter() - t0:.0f} s)",
+                  flush=True)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, indices=np.array(idx), labels=sub.labels.numpy(), select=sel, blocks=blocks)
+
+
+def replay(path: str, rule: Anytime, n: int = 100_000, n0: int = 100, alpha: float = 0.001, sigma: float = 0.25,
+           subset: np.ndarray | None = None) -> dict:
+    """Anytime mode's decisions on recorded streams (`record`), next to exact mode's at ``n``."""
+    from certify.anytime import AnytimeRun
+    from certify.smoothing import NOISE_BLOCK
+    from certify.stats import cp_lower
+
+    d = np.load(path)
+    blocks, labels, sel, indices = d["blocks"], d["labels"], d["select"], d["indices"]
+    if subset is not None:
+        blocks, labels, sel, indices = blocks[subset], labels[subset], sel[subset], indices[subset]
+    m = len(blocks)
+    cum = np.concatenate([np.zeros((m, 1), np.int64), np.cumsum(blocks, axis=1, dtype=np.int64)], axis=1)
+    run = AnytimeRun(rule, m, n, alpha, sigma, NOISE_BLOCK)
+    while (act := run.active).size:
+        tg = run.targets()
+        run.observe(act, cum[act, tg // NOISE_BLOCK], tg)
+    ok = sel.argmax(axis=1) == labels
+    radii = [float(r) for r in rule.radii]
+    thr = np.array([0.5 if r == 0 else float(norm.cdf(r / sigma)) for r in radii])
+    exact_pl = np.array([cp_lower(int(c), n, alpha) for c in cum[:, -1]])
+    cert_e = ok[:, None] & (exact_pl[:, None] >= thr[None, :])
+    cert_a = ok[:, None] & (run.lower[:, None] >= thr[None, :])
+    samples = run.t + n0
+    stops = {k: int((run.stopped == k).sum()) for k in ("settled", "futile", "final")}
+    return {"examples": m, "sample_ratio": m * (n + n0) / samples.sum(), "samples_total": int(samples.sum()),
+            "exact_certified_accuracy": cert_e.mean(axis=0).tolist(),
+            "anytime_certified_accuracy": cert_a.mean(axis=0).tolist(),
+            "disagreements": [{"index": int(indices[i]), "radius": radii[j], "exact": bool(cert_e[i, j]),
+                               "n_a_exact": int(cum[i, -1]), "stopped": str(run.stopped[i]), "samples": int(samples[i])}
+                              for i, j in zip(*np.nonzero(cert_e != cert_a))],
+            "stopped": stops, "samples": samples.tolist(), "indices": indices.tolist()}
+
+
+def replay_report(path: str, out: str) -> None:
+    radii = tuple(table_radii(1.0))
+    idx = np.load(path)["indices"]
+    rules = {"default (futility 0.01)": Anytime(radii=radii), "futility 0 (decline only the unreachable)":
+             Anytime(radii=radii, futility=0.0), "futility 0.05": Anytime(radii=radii, futility=0.05)}
+    res = {}
+    print("| rule | images | samples vs exact | disagreements (image, radius) | max gap (points) | stopped |")
+    print("|---|---|---|---|---|---|")
+    for name, rule in rules.items():
+        for tag, sub in (("every 15th (benchmark D's 30)", np.flatnonzero(idx % 15 == 0)), ("all", None)):
+            r = replay(path, rule, subset=sub)
+            gap = max(abs(a - b) * 100 for a, b in zip(r["exact_certified_accuracy"], r["anytime_certified_accuracy"]))
+            res[f"{name} / {tag}"] = r
+            print(f"| {name} | {tag}: {r['examples']} | {r['sample_ratio']:.2f}x | {len(r['disagreements'])} | "
+                  f"{gap:.1f} | {r['stopped']} |", flush=True)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(res, indent=1))
+    print(f"wrote {out}")
 
 
 def main(argv=None) -> int:
@@ -96,25 +205,37 @@ def main(argv=None) -> int:
     ap.add_argument("--alphas", default="0.001,0.05")
     ap.add_argument("--sigma", type=float, default=0.25)
     ap.add_argument("--quick", action="store_true", help="a coarse grid")
-    ap.add_argument("--out", default="docs/results-certify/anytime_sim.json")
+    ap.add_argument("--out", default=None, help="result JSON (default docs/results-certify/anytime_sim.json, "
+                                                "or anytime_replay.json with --replay)")
+    ap.add_argument("--record", default=None, help="record exact mode's noise streams to this npz and exit")
+    ap.add_argument("--every", type=int, default=3, help="with --record: every k-th digits test image")
+    ap.add_argument("--replay", default=None, help="replay anytime mode on streams recorded with --record")
     args = ap.parse_args(argv)
+    if args.record:
+        record(args.record, args.every, n=args.n)
+        return 0
+    if args.replay:
+        replay_report(args.replay, args.out or "docs/results-certify/anytime_replay.json")
+        return 0
     grid = [0.5, 0.8, 0.99, 0.9999] if args.quick else GRID
     out = {"tables": [table(float(a), args.seeds, args.n, 100, args.sigma, grid, seed=k)
                       for k, a in enumerate(args.alphas.split(","))]}
     ok = True
-    print("\n| alpha | seeds | max wrong-certificate rate | max wrong-decision rate | <= alpha |")
-    print("|---|---|---|---|---|")
+    print("\n| alpha | seeds | max wrong-certificate rate | max wrong provably-not rate | max wrong (either) | "
+          "<= alpha | max disagreement with exact mode |")
+    print("|---|---|---|---|---|---|---|")
+    from scipy.stats import binom
     for t in out["tables"]:
         # "<= alpha" up to the sampling error of the seeds (one-sided binomial test at 1e-3)
-        from scipy.stats import binom
         k = round(t["max_wrong_any"] * t["seeds"])
         fine = binom.sf(k - 1, t["seeds"], t["alpha"]) > 1e-3
         ok &= fine
-        print(f"| {t['alpha']:g} | {t['seeds']} | {t['max_wrong_certified']:.4f} | {t['max_wrong_any']:.4f} | "
-              f"{'yes' if fine else 'NO'} |")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
-    print(f"wrote {args.out}")
+        print(f"| {t['alpha']:g} | {t['seeds']} | {t['max_wrong_certified']:.4f} | {t['max_wrong_provably_not']:.4f} | "
+              f"{t['max_wrong_any']:.4f} | {'yes' if fine else 'NO'} | {t['max_disagree_exact']:.4f} |")
+    path = Path(args.out or "docs/results-certify/anytime_sim.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+    print(f"wrote {path}")
     return 0 if ok else 1
 
 

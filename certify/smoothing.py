@@ -51,13 +51,15 @@ Abstaining early never invalidates anything (it only costs utility). Radii of ex
 early are lower than exact mode's (they are only certified up to at least ``stop_radius``), so
 ACR and accuracy above ``stop_radius`` are not comparable between the modes.
 
-**Anytime mode** (`certify.anytime.Anytime`, opt-in; the guarantee and the stopping rule are
-written out in `certify.anytime`). A Beta-mixture confidence sequence on pA, valid at every sample
-count at once, is looked at after geometrically growing numbers of estimation samples; each
-example stops as soon as its certificate at every requested radius is decided (or cannot change by
-the cap ``n``). Same statement as exact mode at the same alpha. Every round only the examples still
-running send noise through the shared forward batches, so the samples saved are wall time saved;
-the noise blocks are exact mode's, so an example that runs to the cap sees exact mode's counts.
+**Anytime mode** (`certify.anytime.Anytime`, opt-in; the guarantee, the stopping rule and the proof
+obligations are written out in `certify.anytime`). One-sided mixture e-processes at the requested
+radii's thresholds on pA, valid at every sample count at once, are looked at after geometrically
+growing numbers of estimation samples; each example stops as soon as its certificate at every
+requested radius is decided (or exact mode at the cap ``n`` would, w.h.p., not certify it). Same
+statement as exact mode at the same alpha; the radius is the largest certified requested radius.
+Every round only the examples still running send noise through the shared forward batches, so the
+samples saved are wall time saved; the noise blocks are exact mode's, so an example that runs to the
+cap sees exact mode's counts.
 
 **Randomized Clopper-Pearson** (exact mode, ``bound="randomized"``): `certify.stats.rcp_lower` with
 its uniform draw seeded by (run seed, example index), independent of the noise. Coverage exactly
@@ -464,9 +466,10 @@ class Smooth:
             self.base.train(was)
         elapsed = time.perf_counter() - t0
         certs = []
+        lower, rads = run.lower, run.radius
         for slot in range(m):
-            pl = float(run.lower[slot])
-            pred, rad = (int(c_a[slot]), radius(self.sigma, pl)) if pl >= 0.5 else (ABSTAIN, 0.0)
+            pl = float(lower[slot])
+            pred, rad = (int(c_a[slot]), float(rads[slot])) if rads[slot] >= 0 else (ABSTAIN, 0.0)
             t = int(run.t[slot])
             certs.append(Certificate(int(_plain(indices[slot])), pred, rad, pl, int(c_a[slot]),
                                      int(est[slot, c_a[slot]]), n0, t, n0 + t, looks=int(run.look[slot]),

@@ -1,6 +1,7 @@
-"""Anytime mode (confidence sequence + decide-every-radius stopping) and the randomized
-Clopper-Pearson option of exact mode: bounds, the guarantee against a Bernoulli oracle and through
-the certifier, reproducibility, exact mode unchanged, and the run/CLI options."""
+"""Anytime mode (one-sided threshold e-processes + decide-every-radius stopping, a confidence sequence
+for the decline rule) and the randomized Clopper-Pearson option of exact mode: bounds, the guarantee
+against a Bernoulli oracle and through the certifier, agreement with exact mode, reproducibility, exact
+mode unchanged, and the run/CLI options."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from scipy import stats as st
 from torch import nn
 
 from bastion.errors import ConfigError
-from certify.anytime import Anytime, AnytimeRun, BetaMixtureCS, simulate
+from certify.anytime import Anytime, AnytimeRun, BetaMixtureCS, ThresholdTests, exact_counts_needed, simulate
 from certify.smoothing import Smooth
 from certify.stats import ABSTAIN, cp_lower, rcp_lower
 
@@ -54,13 +55,40 @@ def test_mixture_bounds_bracket_the_estimate_and_solve_the_boundary():
     assert cs.bounds([int(0.95 * need)], [int(0.95 * need)], 0.001)[0][0] < p
 
 
+@pytest.mark.parametrize("p", [0.5, 0.8413447460685429, 0.99865])
+@pytest.mark.parametrize("t", [1, 37, 400])
+def test_threshold_tests_have_mean_at_most_one_under_the_null(p, t):
+    # E[E_t] = sum of the weights (= 1) at pA = p, and <= 1 for pA on the null side: a supermartingale's bound
+    tests = ThresholdTests()
+    f = np.arange(t + 1)
+    for up, nulls in ((True, [p, p - 0.01 * p]), (False, [p, p + 0.5 * (1 - p)])):
+        log_e = tests.log_e(f, np.full(t + 1, t), np.full(t + 1, p), up=up)
+        means = [float(np.exp(np.logaddexp.reduce(st.binom.logpmf(f, t, 1 - q) + log_e))) for q in nulls]
+        assert means[0] == pytest.approx(1.0, abs=1e-9) and means[1] <= 1 + 1e-9, (up, means)
+    # all successes: the atom at pA = 1 alone reaches 1/alpha after log(1 / (zero alpha)) / log(1/p) samples
+    need = math.ceil(math.log(1 / (0.3 * 0.001)) / -math.log(0.99865))
+    assert tests.log_e(0, need, 0.99865, up=True) >= math.log(1000) > tests.log_e(0, need // 2, 0.99865, up=True)
+    with pytest.raises(ConfigError):
+        ThresholdTests(ratios=(1.5,))
+
+
+def test_exact_counts_needed_is_exact_modes_boundary():
+    thr = np.array([0.5, st.norm.cdf(2), 0.99999])
+    k = exact_counts_needed(thr, 10_000, 0.001)
+    for p, kk in zip(thr, k):
+        if kk <= 10_000:
+            assert cp_lower(int(kk), 10_000, 0.001) >= p > cp_lower(int(kk) - 1, 10_000, 0.001)
+    assert k[-1] == 10_001                       # beyond sigma Phi^-1(alpha^(1/n)): never
+
+
 def test_schedule_thresholds_and_options():
     rule = Anytime(radii=(0.0, 0.25, 0.5), first=150, growth=1.5)
     sizes = rule.schedule(2000, 100)
     assert sizes[0] == 200 and sizes[-1] == 2000 and all(b > a for a, b in zip(sizes, sizes[1:]))
     assert all(s % 100 == 0 for s in sizes)
     assert np.allclose(rule.thresholds(0.25), [0.5, st.norm.cdf(1), st.norm.cdf(2)])
-    for bad in (dict(growth=1.0), dict(final_share=1.0), dict(precision=0.0), dict(futility="x"), dict(radii=(-1,))):
+    for bad in (dict(growth=1.0), dict(final_share=1.0), dict(precision=0.0), dict(futility="x"), dict(futility=0.5),
+                dict(radii=(-1,))):
         with pytest.raises(ConfigError):
             Anytime(**bad)
 
@@ -85,12 +113,44 @@ def test_stopping_rule_decides_every_threshold():
     run = AnytimeRun(rule, 3, n, 0.001, sigma, 100)
     # all successes: 0.75 (Phi(3)) certified after a few thousand; 1.0 (Phi(4)) unreachable at n = 1e5
     run.observe(np.array([0, 1, 2]), np.array([7000, 3000, 10]), np.array([7000, 7000, 100]))
-    assert run.stopped[0] == "settled" and run.lower[0] >= st.norm.cdf(3)
-    assert run.stopped[1] == "futile" and run.upper[1] < 0.5          # pA ~ 1/2 - : abstain
-    assert run.stopped[2] == "futile"                                 # 10/100: cannot be >= 1/2
+    # 0.75 certified, 1.0 out of exact mode's reach at n (declined, not a bet): settled
+    assert run.stopped[0] == "settled" and run.lower[0] == pytest.approx(st.norm.cdf(3)) and run.radius[0] == 0.75
+    assert run.certified[0].tolist() == [True] * 4 + [False] and run.declined[0, 4]
+    assert run.stopped[1] == "settled" and run.provably_not[1].all() and run.radius[1] == -1   # pA < 1/2: abstain
+    assert run.stopped[2] == "settled" and run.provably_not[2].all()
+    # 16,600 / 20,000 (0.83) vs Phi(1) = 0.841: not provably below, but exact mode at 1e5 would (w.h.p.)
+    # not reach 0.841 -> declined (a bet on the remaining samples); Phi(2) and above: provably not
+    run = AnytimeRun(rule, 1, n, 0.001, sigma, 100)
+    run.observe(np.array([0]), np.array([16_600]), np.array([20_000]))
+    assert run.certified[0, 0] and run.declined[0, 1] and run.provably_not[0, 2:].all()
+    assert run.stopped[0] == "futile" and run.radius[0] == 0.0
     run = AnytimeRun(Anytime(radii=(0.0,)), 1, 1000, 0.001, sigma, 100)
     run.observe(np.array([0]), np.array([600]), np.array([1000]))
     assert run.stopped[0] == "final"
+
+
+def test_declines_rarely_disagree_with_exact_mode_on_the_same_stream():
+    # pA just above Phi(2): exact mode at n certifies r = 0.5 about half the time; a decline that
+    # disagrees with it has probability <= 2 * futility (proof obligation 3)
+    sigma, n, alpha, seeds = 0.25, 20_000, 0.001, 400
+    p_a = 0.97725 + 3.09 * math.sqrt(0.97725 * 0.02275 / n)
+    for fut in (0.0, 0.02):
+        r = simulate(Anytime(radii=(0.0, 0.25, 0.5), futility=fut), p_a, seeds, n, alpha, sigma,
+                     np.random.default_rng(7))
+        lost = (r.declined & r.exact).any(axis=1).sum()
+        assert st.binom.sf(lost - 1, seeds, 2 * fut) > 1e-3 if fut else lost == 0
+        assert not (r.certified & ~r.exact).any()           # a test that passes at the cap, CP passes too
+
+
+def test_precision_pins_the_radius_between_two_grid_points():
+    sigma, n, alpha = 0.5, 20_000, 0.001
+    rule = Anytime(radii=(0.0, 0.5), precision=0.1)
+    assert np.allclose(rule.radius_grid(sigma, n, alpha)[:7], [0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    r = simulate(rule, 0.87, 100, n, alpha, sigma, np.random.default_rng(3))
+    true_r = sigma * st.norm.ppf(0.87)
+    run_r = rule.radius_grid(sigma, n, alpha)
+    got = run_r[r.certified.sum(axis=1) - 1]
+    assert np.all(got <= true_r) and np.mean(got >= true_r - 0.1 - 1e-9) > 0.9
 
 
 # --- through the certifier -----------------------------------------------------------------------
@@ -127,7 +187,7 @@ def test_anytime_at_the_cap_sees_exact_modes_counts():
     radii = (0.0, sigma * st.norm.ppf(0.7))
     ex = s.certify_many(xs, list(range(6)), 100, 1000, 0.001, batch=700)
     at = s.certify_many(xs, list(range(6)), 100, 1000, 0.001, batch=700,
-                        anytime=Anytime(radii=radii, futility="optimistic"))
+                        anytime=Anytime(radii=radii, futility=0.0))
     for a, b in zip(ex, at):
         if b.stopped == "final":
             assert (a.c_a, a.n_a, a.n) == (b.c_a, b.n_a, b.n)
