@@ -118,3 +118,56 @@ def test_autoattack_native_runs_fab_t_natively(mlp, batch):
     res = create_attack("autoattack-native", "linf:0.1", steps=10, n_target_classes=3, n_queries=50,
                         parts=("fab-t",)).run(mlp, x, y)
     assert set(filter(None, res.broken_by)) == {"fab-t"}
+
+
+def _digits_cnn(digits, pgd: bool):
+    from bastion.models import create_model
+    from bastion.train import StandardObjective, TrainConfig, fit
+    from defenses.pgd_at import PGDObjective, PGDParams
+
+    torch.manual_seed(0)
+    model = create_model("small_cnn", 10, 1, 8)
+    cfg = TrainConfig(epochs=15, batch_size=64, optimizer="adam", lr=3e-3, weight_decay=0.0, schedule="constant",
+                      seed=0)
+    objective = PGDObjective(PGDParams(eps=0.1, norm="linf", steps=5)) if pgd else StandardObjective()
+    return fit(model, digits[0], objective, cfg, quiet=True).model.eval()
+
+
+@pytest.mark.slow
+def test_readme_figures_fab_vs_pyautoattack_on_digits_cnns(digits):
+    """The README's FAB figures (about 6 CPU-minutes): ``OMP_NUM_THREADS=1 pytest -s -m slow tests/test_fab.py``.
+    Minimal norms of FAB vs pyautoattack's FAB (standard small CNN, 100 test images) and FAB-T's
+    robust accuracy and time vs pyautoattack's (PGD-trained small CNN, the 450 test images)."""
+    import time
+
+    fab_pt = pytest.importorskip("pyautoattack.fab_pt")
+    model = _digits_cnn(digits, pgd=False)
+    x, y = digits[1].images[:100], digits[1].labels[:100]
+    ok = model(x).argmax(1) == y
+    x, y = x[ok], y[ok]
+    for norm in ("linf", "l2"):
+        ours = create_attack("fab", f"{norm}:10", progress=False).run(model, x, y).norms
+        ref = fab_pt.FABAttack_PT(model, norm={"linf": "Linf", "l2": "L2"}[norm], n_restarts=1, n_iter=100, eps=10.0,
+                                  seed=0, device=x.device)
+        xa = ref.perturb(x, y)
+        theirs = torch.where(model(xa).argmax(1) != y, lp_norm(xa - x, norm), torch.full_like(ours, float("inf")))
+        both = torch.isfinite(ours) & torch.isfinite(theirs)
+        m_ours, m_theirs = float(ours[both].median()), float(theirs[both].median())
+        print(f"\nfab {norm}: median minimal norm {m_ours:.4f} (found {int(torch.isfinite(ours).sum())} of {len(y)}),"
+              f" pyautoattack {m_theirs:.4f} (found {int(torch.isfinite(theirs).sum())})")
+        assert m_ours <= m_theirs * 1.02
+    model = _digits_cnn(digits, pgd=True)
+    x, y = digits[1].images, digits[1].labels
+    for threat in ("linf:0.1", "l2:0.5"):
+        t0 = time.perf_counter()
+        res = create_attack("fab-t", threat, progress=False).run(model, x, y)
+        t_ours = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        ref = create_attack("autoattack", threat, version="custom", attacks=("fab-t",), restarts=1,
+                            progress=False).run(model, x, y)
+        t_ref = time.perf_counter() - t0
+        acc = (model(res.x_adv).argmax(1) == y).float().mean().item()
+        acc_ref = (model(ref.x_adv).argmax(1) == y).float().mean().item()
+        print(f"fab-t {threat}: robust {100 * acc:.2f}% in {t_ours:.1f} s; pyautoattack {100 * acc_ref:.2f}% in "
+              f"{t_ref:.1f} s")
+        assert abs(acc - acc_ref) <= 0.01
