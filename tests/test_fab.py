@@ -120,6 +120,23 @@ def test_autoattack_native_runs_fab_t_natively(mlp, batch):
     assert set(filter(None, res.broken_by)) == {"fab-t"}
 
 
+def test_robustness_curve_from_one_fab_run(mlp, digits, tmp_path):
+    import json
+
+    from attacks import AttackProbe
+    from bastion.evaluate import CleanProbe, evaluate_model
+
+    data = digits[1].subset(slice(0, 40))
+    probe = AttackProbe("linf:0.1", ["fab-t"], attack_params={"fab-t": {"steps": 20, "n_target_classes": 3}})
+    evaluate_model(mlp, data, [CleanProbe(), probe], tmp_path / "run", {"t": 1}, batch_size=20, quiet=True)
+    doc = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    rob = next(s for s in doc["sections"] if s["type"] == "robustness")["data"]
+    curve = rob["min_norm"]["linf:0.1"]["curve"]
+    assert curve["0"] == pytest.approx(rob["clean"]["accuracy"])
+    assert curve["0.1"] == pytest.approx(rob["robust"]["linf:0.1"]["accuracy"])
+    vals = [curve[k] for k in sorted(curve, key=float)]
+    assert all(a >= b for a, b in zip(vals, vals[1:])) and vals[-1] < vals[0]
+
 def _digits_cnn(digits, pgd: bool):
     from bastion.models import create_model
     from bastion.train import StandardObjective, TrainConfig, fit
