@@ -150,8 +150,8 @@ FAST = {
     "torchattacks:OnePixel": {"steps": 2, "popsize": 4},
     "fmn-linf": {"steps": 10}, "fmn-l2": {"steps": 10}, "fmn-l1": {"steps": 10}, "fmn-l0": {"steps": 10},
     "ddn": {"steps": 10}, "cw-l2": {"steps": 10, "binary_steps": 2}, "deepfool": {"steps": 5},
-    "fab": {"steps": 5}, "square": {"n_queries": 20}, "autoattack-native": {"steps": 4, "n_queries": 10,
-                                                                            "n_target_classes": 2},
+    "fab": {"steps": 5}, "fab-t": {"steps": 5, "n_target_classes": 2}, "square": {"n_queries": 20},
+    "autoattack-native": {"steps": 4, "n_queries": 10, "n_target_classes": 2},
 }
 TA_EXTRA = ("torchattacks:PGD", "torchattacks:CW", "torchattacks:DeepFool", "torchattacks:OnePixel")
 
