@@ -14,8 +14,9 @@ On a fixed model (small CNN trained on digits with a fixed seed) and the digits 
 (d) minimum-norm attacks: native FMN (L2, L-inf) and DDN against the same algorithms in adv-lib
     0.2.8 and foolbox 3.3.4 (benchmark-only dependencies; adv-lib imports visdom for its logger,
     stubbed here), median minimal norm over the clean-correct examples and wall time, same steps;
-(e) native Square (L-inf) vs pyautoattack's Square, robust accuracy averaged over seeds;
-(f) ``autoattack-native`` vs the ``autoattack`` adapter (pyautoattack), side by side;
+(e) native Square (L-inf, L2) vs pyautoattack's Square, robust accuracy averaged over seeds;
+(f) ``autoattack-native`` vs the ``autoattack`` adapter (pyautoattack), side by side, with the time
+    each spends inside the model (forward + backward) and the rows it sends through the model;
 (g) native PGD vs torchattacks PGD on a cheap MLP where none break (the none-break ratio).
 
 ``--parts abcdefg`` picks sections.
@@ -72,6 +73,7 @@ class Clock:
     def __init__(self) -> None:
         self.forward = 0.0
         self.backward = 0.0
+        self.rows = 0   # examples sent through the model's forward
         self._t = {}
 
     def stamp(self, key: str) -> None:
@@ -91,6 +93,7 @@ class Timed(nn.Module):
 
     def forward(self, x):
         t0 = time.perf_counter()
+        self.clock.rows += x.shape[0]
         if torch.is_grad_enabled() and x.requires_grad:
             x = _Mark.apply(x, self.clock, "in")
             out = self.model(x)
@@ -127,6 +130,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--parts", default="abcdefg", help="sections to run (letters a-g)")
+    ap.add_argument("--seeds", type=int, default=None, help="(e): seeds per setting (default 5, --quick 2)")
+    ap.add_argument("--square", default="linf:0.1,linf:0.2,l2:0.5,l2:1.0", help="(e): threat models, comma-separated")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     import logging
@@ -292,24 +297,26 @@ def extra_sections(model, x, y, args, repeats, checks) -> list:
     if "e" in args.parts:
         from pyautoattack import AutoAttack
 
-        seeds = 2 if args.quick else 5
+        seeds = args.seeds or (2 if args.quick else 5)
         rows = []
-        for eps, nq in ((0.1, 1000), (0.2, 1000)):
+        settings = [(t.split(":")[0], float(t.split(":")[1]), 1000) for t in args.square.split(",") if t.strip()]
+        for norm, eps, nq in settings:
             ours, theirs, to, tt = [], [], [], []
             for seed in range(seeds):
-                t = timed(partial(create_attack("square", f"linf:{eps}", n_queries=nq, seed=seed).run, model, x, y))
+                t = timed(partial(create_attack("square", f"{norm}:{eps}", n_queries=nq, seed=seed).run, model, x, y))
                 ours.append(robust_acc(model, t[2].x_adv, y))
                 to.append(t)
-                aa = AutoAttack(model, attacks=["square"], version="custom", eps=eps, seed=seed)
+                aa = AutoAttack(model, attacks=["square"], version="custom", norm="Linf" if norm == "linf" else "L2",
+                                eps=eps, seed=seed)
                 aa.square.n_queries = nq
                 with torch.random.fork_rng():
                     t2 = timed(partial(aa.run_standard_evaluation, x, y))
                 theirs.append(robust_acc(model, t2[2][0], y))
                 tt.append(t2)
             mo, mt = statistics.mean(ours), statistics.mean(theirs)
-            rows.append([f"linf:{eps}, {nq} queries, {seeds} seeds", f"{mo:.2f}", f"{mt:.2f}",
+            rows.append([f"{norm}:{eps}, {nq} queries, {seeds} seeds", f"{mo:.2f}", f"{mt:.2f}",
                          f"{statistics.pstdev(ours):.2f}", f"{statistics.pstdev(theirs):.2f}"] + _times(to, tt)[3:])
-            checks.append((f"(e) square linf:{eps}: native {mo:.2f} within 0.5 pts of pyautoattack {mt:.2f}",
+            checks.append((f"(e) square {norm}:{eps}: native {mo:.2f} within 0.5 pts of pyautoattack {mt:.2f}",
                            abs(mo - mt) <= 0.5))
         out.append(("(e) native Square vs pyautoattack Square (robust accuracy %, mean over seeds)",
                     ["setting", "Bastion", "pyautoattack", "std Bastion", "std pyautoattack", "wall s Bastion",
@@ -318,19 +325,25 @@ def extra_sections(model, x, y, args, repeats, checks) -> list:
         n = 60 if args.quick else 150
         rows = []
         for threat in ("linf:0.1", "l2:0.5"):
-            t_n = timed(partial(create_attack("autoattack-native", threat, seed=0, progress=False).run, model,
+            # both sides see the same timing wrapper: time inside the model and rows sent through it
+            cn, ca = Clock(), Clock()
+            mn, ma = Timed(model, cn), Timed(model, ca)
+            t_n = timed(partial(create_attack("autoattack-native", threat, seed=0, progress=False).run, mn,
                                 x[:n], y[:n]))
-            t_a = timed(partial(create_attack("autoattack", threat, seed=0, progress=False).run, model, x[:n], y[:n]))
+            t_a = timed(partial(create_attack("autoattack", threat, seed=0, progress=False).run, ma, x[:n], y[:n]))
             a_n, a_a = robust_acc(model, t_n[2].x_adv, y[:n]), robust_acc(model, t_a[2].x_adv, y[:n])
             rows.append([threat, f"{a_n:.2f}", f"{a_a:.2f}", f"{t_n[0]:.1f}", f"{t_a[0]:.1f}",
-                         f"{t_n[0] / t_a[0]:.2f}"])
+                         f"{t_n[0] / t_a[0]:.2f}", f"{t_n[1] / t_a[1]:.2f}", f"{cn.forward + cn.backward:.1f}",
+                         f"{ca.forward + ca.backward:.1f}", f"{cn.rows}", f"{ca.rows}",
+                         f"{(cn.forward + cn.backward) / t_a[0]:.2f}"])
             checks.append((f"(f) autoattack-native {threat}: {a_n:.2f} within 0.5 pts of {a_a:.2f}",
                            abs(a_n - a_a) <= 0.5))
             checks.append((f"(f) autoattack-native {threat}: wall ratio {t_n[0] / t_a[0]:.2f} <= 0.5",
                            t_n[0] / t_a[0] <= 0.5))
         out.append((f"(f) autoattack-native vs autoattack (pyautoattack), standard settings, n={n}",
                     ["threat", "robust % native", "robust % pyautoattack", "wall s native", "wall s pyautoattack",
-                     "wall ratio"], rows))
+                     "wall ratio", "CPU ratio", "in model s native", "in model s pyautoattack", "model rows native",
+                     "model rows pyautoattack", "floor: native model s / pyautoattack wall"], rows))
     if "g" in args.parts:
         import torchattacks
 
