@@ -4,8 +4,7 @@ APGD-CE (100 iterations) -> APGD-T (100 iterations, 9 target classes, DLR) -> FA
 (5,000 queries, p_init 0.8), AutoAttack's settings, each run only on the examples still robust
 and each with per-example early exit (the native engines stop attacking an example as soon as it
 breaks). APGD-CE, APGD-T, FAB-T (``fab-t``, 100 iterations, 9 target classes; an example leaves
-the search once it is broken within eps) and (L-inf) Square are native; Square for L2 runs through
-the pyautoattack adapter. Randomness comes from the attack's
+the search once it is broken within eps) and Square (L-inf, L2) are native. Randomness comes from the attack's
 generator, so numbers agree with pyautoattack in distribution, not example by example: use the
 ``autoattack`` adapter for leaderboard numbers, this one where AutoAttack-grade numbers are
 needed fast.
