@@ -342,6 +342,7 @@ def main(argv=None) -> int:
             for t in (1, None)]}
         print(json.dumps(results["C"], indent=1), flush=True)
     if "D" in parts:
+        torch.set_num_threads(1)                 # the model's last bits depend on the thread count: train on one
         qs = train_quickstart_model(sigma, 3 if q else 15)
         sub = test.every(max(1, len(test) // args.examples_d), 4 if q else args.examples_d)
         results["D"] = {"model": "small_cnn (quickstart: width 32, 15 epochs, Gaussian sigma 0.25)", **part_d(
