@@ -319,13 +319,13 @@ def pgd_engine(model: nn.Module, x: torch.Tensor, y: torch.Tensor, objective: Ob
                     break
             if not need:
                 break
-            # no autograd context needed: g comes from autograd.grad without a graph, xc is detached
-            if buf is not None:
-                scale = g.abs().flatten(1).mean(1) if threat.norm == "linf" else g.flatten(1).norm(dim=1)
-                buf = momentum * buf + g / scale.clamp_min(1e-12).view(shape)
-                g = buf
-            xn = xc + stp * _direction(threat, g, xc)
-            xc = threat.project(x0, xn) if ee is None else _ball_project(threat, x0, xn, ee)
+            with torch.no_grad():  # x may require grad when a caller passes it straight in
+                if buf is not None:
+                    scale = g.abs().flatten(1).mean(1) if threat.norm == "linf" else g.flatten(1).norm(dim=1)
+                    buf = momentum * buf + g / scale.clamp_min(1e-12).view(shape)
+                    g = buf
+                xn = xc + stp * _direction(threat, g, xc)
+                xc = threat.project(x0, xn) if ee is None else _ball_project(threat, x0, xn, ee)
         out.keep_best(idx, best, xb)
     return out
 
