@@ -4,8 +4,11 @@ Each is an `Objective` plugged into the same native engines (``objective=`` of p
 apgd-t, ...), never a copy of them:
 
 - `DetectorObjective`: attack a classifier and a detector at once: maximise
-  ``(1 - w) * L(classifier) - w * score(detector)``; success needs a misclassification AND a
-  detector score at most ``threshold`` (when given).
+  ``(1 - w) * L(classifier) - w * score(detector)`` (``base`` L: ce, margin, dlr) or Bryniarski's
+  ``selective`` objective; success needs a misclassification AND a detector score at most
+  ``threshold`` (when given). `detector_aware_attacks` builds the named suite (`DETECTOR_ATTACKS`;
+  `STRONG_DETECTOR_SUITE`: APGD on the margin sum, then APGD-selective) that an honest evaluation
+  runs, each attack on the examples still robust.
 - `MixingObjective`: for mixed classifiers whose output depends on a mixing weight
   ``alpha = sigmoid(gamma(x))`` (adaptive smoothing): maximise
   ``(1 - w) * L(f(x)) + w * BCE(gamma(x), 1)``; the second term drives alpha down, towards the
@@ -89,6 +92,41 @@ class DetectorObjective:
     def describe(self) -> str:
         w = "" if self.mode == "selective" else f", weight={self.weight}"
         return f"detector(base={self.base}{w}, threshold={self.threshold}, mode={self.mode})"
+
+
+# The detector-aware attacks an honest evaluation runs, each on the examples still robust
+# (worst case per example). On digits against Mahalanobis (Linf 0.1, 100 steps) the CE sum at
+# w 0.5 left 88.67% detection-aware robust accuracy, the margin sum 52.00%, APGD-selective 50.00%
+# (python -m experiments.leaderboard.adaptive_check).
+DETECTOR_ATTACKS: dict[str, tuple[str, str, str]] = {  # name -> (native engine, mode, base)
+    "apgd-margin": ("apgd-ce", "sum", "margin"),
+    "apgd-selective": ("apgd-ce", "selective", "ce"),
+    "pgd-selective": ("pgd", "selective", "ce"),
+    "pgd-ce-sum": ("pgd", "sum", "ce"),
+}
+STRONG_DETECTOR_SUITE = ("apgd-margin", "apgd-selective")
+
+
+def detector_aware_attacks(detector: nn.Module | Callable[[torch.Tensor], torch.Tensor], threshold: float | None,
+                           threat: Any, names: tuple[str, ...] | list[str] = STRONG_DETECTOR_SUITE, *, steps: int,
+                           weight: float = 0.5, **params: Any) -> list[tuple[str, Any]]:
+    """``[(name, attack)]``: the named detector-aware attacks of `DETECTOR_ATTACKS`, each a native
+    engine with a `DetectorObjective` on ``detector`` (a standardized differentiable score, e.g.
+    ``det.differentiable()``) whose success needs a score <= ``threshold`` (standardized units).
+    ``weight`` goes to the sum modes; ``params`` (``seed`` ...) to every engine. Run them in
+    order, each on the examples the earlier ones did not break (`attacks.adaptive` users:
+    ``bastion detect``'s ``worst`` mode, the leaderboard's detector entries)."""
+    from attacks import create_attack
+
+    unknown = [n for n in names if n not in DETECTOR_ATTACKS]
+    if unknown or not names:
+        raise ConfigError(f"unknown detector-aware attack(s) {unknown}: use {', '.join(DETECTOR_ATTACKS)}")
+    out = []
+    for name in names:
+        engine, mode, base = DETECTOR_ATTACKS[name]
+        obj = DetectorObjective(detector, weight=weight, threshold=threshold, base=base, mode=mode)
+        out.append((name, create_attack(engine, threat, steps=steps, objective=obj, **params)))
+    return out
 
 
 class MixingObjective:

@@ -3,8 +3,12 @@
 `DetectProbe` scores one kind of input per example with every detector it holds: the natural
 test input (``attack=None``), an oblivious attack's output, or (``target=NAME``) the output of the
 detector-aware adaptive attack (`attacks.adaptive.DetectorObjective` through the native PGD/APGD
-engine: maximise ``(1 - w) L(classifier) - w * standardized score``, success = misclassified and
-not flagged at the detector's calibrated threshold). Each record (`DetectRecord`) carries every
+engines; success = misclassified and not flagged at the detector's calibrated threshold). Adaptive
+modes: ``worst`` (the default of ``bastion detect``): the suite `attacks.adaptive.STRONG_DETECTOR_SUITE`
+(APGD on ``(1 - w) margin - w * standardized score``, then APGD-selective), each attack on the
+examples the earlier ones did not break, keeping per example the worst case; ``sum`` (the
+probe's ``attack`` engine on ``(1 - w) CE - w * score``) and ``selective`` (the probe's engine,
+Bryniarski's objective) run one attack. Each record (`DetectRecord`) carries every
 detector's score, the classifier's prediction on the scored input and on the natural one.
 
 Oblivious attacks run every step on every example (no early exit on success, no filtering by
@@ -14,7 +18,8 @@ The fold (``detect``) pairs each attack probe with the natural probe and gives, 
 AUROC, TPR at 1/5/10% FPR, the threshold at the chosen FPR (from the natural test scores), robust
 accuracy without a detector, and detection-aware robust accuracy (an example is lost only when the
 attack fools the classifier AND its score is not above the threshold); plus the natural-halves
-AUROC (even vs odd indices, a sanity check that should sit near 0.5).
+AUROC (even vs odd indices, a sanity check that should sit near 0.5); and per threat and detector the
+worst case over every attack that is oblivious or targets that detector.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import numpy as np
 import torch
 
 from attacks import create_attack
-from attacks.adaptive import DetectorObjective
+from attacks.adaptive import STRONG_DETECTOR_SUITE, DetectorObjective, detector_aware_attacks
 from attacks.objectives import LossObjective, ObjectiveOutput
 from bastion.errors import ConfigError
 from bastion.folds import FoldContext, register_fold
@@ -39,6 +44,7 @@ from bastion.threat import ThreatModel
 from detection.detector import threshold_at_fpr
 
 FPRS = (0.01, 0.05, 0.10)
+ADAPTIVE_MODES = ("worst", "sum", "selective")
 
 
 class FullSteps:
@@ -66,9 +72,14 @@ class DetectProbe:
 
     detectors: fitted detectors (`detection.detector.Detector`). attack: a native attack name
     (``pgd``, ``apgd-ce``, ``fgsm`` ...) with ``threat`` and ``attack_params``. target: the name of
-    the detector the adaptive attack fights (None: oblivious); ``weight``/``base``/``mode`` (``sum``
-    or ``selective``) go to `DetectorObjective`, whose threshold is the target's calibrated
-    ``threshold`` in standardized units. fpr: the operating point the fold uses for detection-aware robust accuracy."""
+    the detector the adaptive attack fights (None: oblivious); ``mode``: ``sum`` or ``selective``
+    (one attack: the ``attack`` engine with `DetectorObjective` of that mode, ``weight``, ``base``)
+    or ``worst`` (`STRONG_DETECTOR_SUITE` through `detector_aware_attacks`, ``attack`` unused, each
+    attack on the examples still unbroken; per example the output kept is the first one
+    misclassified and under the target's threshold, else the one with the lowest target score, as
+    the AUROC of a single attack counts every attacked input, misclassified or not). The
+    objectives' threshold is the target's calibrated ``threshold`` in standardized units. fpr: the
+    operating point the fold uses for detection-aware robust accuracy."""
 
     def __init__(self, detectors: Sequence[Any], *, attack: str | None = None, threat: ThreatModel | str | None = None,
                  attack_params: dict[str, Any] | None = None, target: str | None = None, weight: float = 0.5,
@@ -85,6 +96,8 @@ class DetectProbe:
         self.attack_params = dict(attack_params or {})
         self.target = target
         self.weight, self.base, self.mode, self.fpr = float(weight), base, mode, float(fpr)
+        if mode not in ADAPTIVE_MODES:
+            raise ConfigError(f"unknown adaptive mode {mode!r}: use {', '.join(ADAPTIVE_MODES)}")
         if target is not None and target not in names:
             raise ConfigError(f"adaptive target {target!r} is not one of the probe's detectors {names}")
         self.primary = target or names[0]
@@ -93,9 +106,14 @@ class DetectProbe:
         else:
             how = "" if mode == "sum" else f",{mode}"
             tag = f"{attack}+adaptive[{target}{how}]" if target else attack
+            if target and mode == "worst":
+                tag = f"adaptive[{target},worst]"
             self.name = name or f"detect/{tag}@{self.threat}"
         self.chunk_size = chunk_size
+        self._suite: list[tuple[str, Any]] = []
         self._attack = self._build_attack() if attack is not None else None
+        if self._suite:
+            self.attack_name = "+".join(n for n, _ in self._suite)
 
     def _build_attack(self):
         params = dict(self.attack_params)
@@ -107,6 +125,12 @@ class DetectProbe:
             raise ConfigError(f"detector {det.name!r} has no threshold; call set_threshold() before the adaptive "
                               f"attack")
         module = det.differentiable()
+        if self.mode == "worst":
+            steps = params.pop("steps", 10)
+            params.pop("objective", None)
+            self._suite = detector_aware_attacks(module, module.standardize(det.threshold), self.threat,
+                                                 STRONG_DETECTOR_SUITE, steps=steps, weight=self.weight, **params)
+            return self._suite[0][1]
         params["objective"] = DetectorObjective(module, weight=self.weight, threshold=module.standardize(det.threshold),
                                                 base=self.base, mode=self.mode)
         return create_attack(self.attack_name, self.threat, **params)
@@ -116,7 +140,8 @@ class DetectProbe:
                 "threat": str(self.threat) if self.threat else None, "adaptive": self.target is not None,
                 "target": self.target, "weight": self.weight if self.target else None,
                 "mode": self.mode if self.target else None, "fpr": self.fpr,
-                "attack_config": self._attack.describe() if self._attack is not None else None,
+                "attack_config": ([{"name": n, **a.describe()} for n, a in self._suite] if self._suite else
+                                  self._attack.describe() if self._attack is not None else None),
                 "detectors": [d.describe() for d in self.detectors]}
 
     def run(self, model, x, y, indices, generator) -> list[Record]:
@@ -124,7 +149,9 @@ class DetectProbe:
         with torch.no_grad():
             clean_pred = model(x).argmax(1)
         x_in = x
-        if self._attack is not None:
+        if self._suite:
+            x_in = self._run_suite(model, x, y, g_attack)
+        elif self._attack is not None:
             res = self._attack.run(model, x, y, generator=g_attack)
             self.threat.check(x, res.x_adv)
             x_in = res.x_adv
@@ -150,6 +177,32 @@ class DetectProbe:
                                     threat=str(self.threat) if self.threat else None, adaptive=self.target is not None,
                                     target=self.target, clean_correct=bool(clean_pred[j] == y[j])).to_record())
         return out
+
+    def _run_suite(self, model, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The worst case over the suite (see the class docstring): (N, C, H, W) adversarial inputs."""
+        det = next(d for d in self.detectors if d.name == self.target)
+        n = x.shape[0]
+        x_best = x.clone()
+        rank = torch.full((n,), -1, dtype=torch.long, device=x.device)  # 1 broken, 0 not
+        best_score = torch.full((n,), float("inf"), dtype=torch.float64, device=x.device)
+        todo = torch.arange(n, device=x.device)
+        for _, atk in self._suite:
+            g, gs = child_generator(generator), child_generator(generator)
+            if todo.numel() == 0:
+                continue
+            res = atk.run(model, x[todo], y[todo], generator=g)
+            self.threat.check(x[todo], res.x_adv)
+            with torch.no_grad():
+                fooled = model(res.x_adv).argmax(1) != y[todo]
+                with forked_rng(x.device, gs):
+                    s = torch.as_tensor(np.asarray(det.score(res.x_adv, gs), dtype=np.float64), device=x.device)
+            broken = fooled & (s <= det.threshold)
+            r = broken.long()
+            better = (r > rank[todo]) | ((r == rank[todo]) & (s < best_score[todo]))
+            i = todo[better]
+            x_best[i], rank[i], best_score[i] = res.x_adv[better].detach(), r[better], s[better]
+            todo = todo[~broken]
+        return x_best
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,7 +266,7 @@ def fold_detect(records: list[BaseRecord], ctx: FoldContext) -> list[dict[str, A
         first = next(iter(by_probe[p].values()))
         for det in detectors:
             m = detection_metrics(nat, by_probe[p], det, fpr)
-            mode = descs.get(p, {}).get("mode") or (("selective" if ",selective]" in p else "sum")
+            mode = descs.get(p, {}).get("mode") or ((next((m for m in ADAPTIVE_MODES if f",{m}]" in p), "sum"))
                                                     if first.adaptive else None)
             rows.append({"probe": p, "attack": first.attack, "threat": first.threat, "adaptive": first.adaptive,
                          "target": first.target, "adaptive_mode": mode} | m)
@@ -222,18 +275,51 @@ def fold_detect(records: list[BaseRecord], ctx: FoldContext) -> list[dict[str, A
             "clean_accuracy": float(np.mean([r.correct for r in nat.values()])),
             "natural_halves_auroc": {d: natural_halves(nat, d) for d in detectors},
             "rows": rows, "side_by_side": side_by_side(rows),
+            "worst_case": worst_case(nat, by_probe, [p for p in order if p not in nat_probes], detectors, fpr),
             "detector_info": next((d.get("detectors") for d in descs.values() if d.get("detectors")), None)}
     return [section("detection", ctx.title, data)]
+
+
+def worst_case(nat: dict[int, DetectRecord], by_probe: dict[str, dict[int, DetectRecord]], probes: list[str],
+               detectors: list[str], fpr: float) -> list[dict[str, Any]]:
+    """Per (threat, detector): detection-aware robust accuracy under the worst case over every attack
+    probe at that threat that is oblivious or targets that detector (an example is lost when any of
+    them fooled the classifier undetected), over the examples all of them scored."""
+    out = []
+    threats = list(dict.fromkeys(next(iter(by_probe[p].values())).threat for p in probes))
+    for threat in threats:
+        for det in detectors:
+            ps = [p for p in probes if (r := next(iter(by_probe[p].values()))).threat == threat
+                  and (not r.adaptive or r.target == det)]
+            if not ps:
+                continue
+            idx = sorted(set(nat).intersection(*(by_probe[p] for p in ps)))
+            neg = np.array([nat[i].scores.get(det, np.nan) if nat[i].scores else nat[i].score for i in idx])
+            if len(idx) < 2 or np.isnan(neg).any():
+                continue
+            thr = threshold_at_fpr(neg, fpr)
+            lost = np.zeros(len(idx), dtype=bool)
+            for p in ps:
+                recs = [by_probe[p][i] for i in idx]
+                score = np.array([r.scores.get(det, np.nan) if r.scores else r.score for r in recs])
+                lost |= np.array([not r.correct for r in recs]) & (score <= thr)
+            clean_ok = np.array([bool(by_probe[ps[0]][i].clean_correct if by_probe[ps[0]][i].clean_correct
+                                      is not None else nat[i].correct) for i in idx])
+            out.append({"threat": threat, "detector": det, "probes": ps, "n": len(idx),
+                        "detection_aware_robust_accuracy": float((clean_ok & ~lost).mean())})
+    return out
 
 
 def side_by_side(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Oblivious vs adaptive per (attack, threat, targeted detector)."""
     obl = {(r["attack"], r["threat"], r["detector"]): r for r in rows if not r["adaptive"]}
+    # a suite (worst mode) has no oblivious twin of its name: the threat's oblivious attack
+    by_threat = {(r["threat"], r["detector"]): r for r in rows if not r["adaptive"]}
     out = []
     for r in rows:
         if not r["adaptive"] or r["detector"] != r["target"]:
             continue
-        o = obl.get((r["attack"], r["threat"], r["detector"]), {})
+        o = obl.get((r["attack"], r["threat"], r["detector"])) or by_threat.get((r["threat"], r["detector"]), {})
         out.append({"attack": r["attack"], "threat": r["threat"], "detector": r["detector"],
                     "adaptive_mode": r.get("adaptive_mode"),
                     "auroc_oblivious": o.get("auroc"), "auroc_adaptive": r.get("auroc"),
@@ -279,6 +365,13 @@ def render_detection(sec: dict[str, Any]) -> tuple[str, list]:
               _f(r["tpr5_oblivious"]), _f(r["tpr5_adaptive"]), pct(r["robust_accuracy_oblivious"]),
               pct(r["robust_accuracy_adaptive"]), pct(r["da_robust_accuracy_oblivious"]),
               pct(r["da_robust_accuracy_adaptive"])] for r in sbs]))
+    worst = d.get("worst_case") or []
+    if worst:
+        parts.append("Worst case over every attack at a threat that is oblivious or targets the detector (an "
+                     "example is lost when any of them fools the classifier undetected):\n\n" + md_table(
+                         ["threat", "detector", "attacks", f"det.-aware rob. acc. @{pct(fpr)}"],
+                         [[w["threat"], w["detector"], len(w["probes"]), pct(w["detection_aware_robust_accuracy"])]
+                          for w in worst]))
     table = []
     for r in d["rows"]:
         tpr = r.get("tpr") or {}

@@ -10,7 +10,10 @@ quickstart section run.
 4. Detectors: EPS-AD (deep-kernel MMD) with its EPS-N and Gaussian-MMD baselines, fitted on EPS of
    the detector pool and of its FGSM / FGSM-l2 versions; Mahalanobis on the same sets.
 5. The common evaluator over the test split: natural scores, an oblivious attack per threat model
-   and the detector-aware adaptive attack against each target detector (``OUT/eval``).
+   and the detector-aware adaptive attack against each target detector (``OUT/eval``): by default
+   (mode ``worst``) APGD on the margin sum, then APGD-selective on the examples still robust, the
+   worst case per example (`detection.evaluation.DetectProbe`); ``sum`` / ``selective`` are the
+   single-attack modes of earlier runs.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from bastion.data import ImageDataset, load_dataset
 from bastion.errors import ConfigError
 from bastion.threat import ThreatModel
 from detection.detector import EPSDetector, EPSExtractor
-from detection.evaluation import DetectProbe, FullSteps
+from detection.evaluation import ADAPTIVE_MODES, DetectProbe, FullSteps
 from detection.mmd import KernelTrainConfig
 
 DETECTOR_CHOICES = ("deep", "gaussian", "norm", "mahalanobis")
@@ -69,7 +72,8 @@ class DetectSettings:
     adaptive_targets: tuple[str, ...] = ("eps-deep-mmd", "mahalanobis")
     adaptive_threats: tuple[str, ...] | None = None
     adaptive_weight: float = 0.5
-    adaptive_modes: tuple[str, ...] = ("sum",)
+    adaptive_modes: tuple[str, ...] = ("worst",)
+    adaptive_steps: int | None = None   # None: attack_steps
     fpr: float = 0.05
     test_examples: int | None = None
     mahalanobis_select: str = "all"
@@ -86,19 +90,24 @@ class DetectSettings:
             ThreatModel.parse(t)
         if self.adaptive_threats is not None and set(self.adaptive_threats) - set(self.threats):
             raise ConfigError("adaptive threats must be a subset of the threats (the oblivious attack runs beside)")
-        bad_modes = [m for m in self.adaptive_modes if m not in ("sum", "selective")]
+        bad_modes = [m for m in self.adaptive_modes if m not in ADAPTIVE_MODES]
         if bad_modes or not self.adaptive_modes:
-            raise ConfigError(f"unknown adaptive mode(s) {bad_modes}: use sum and/or selective")
+            raise ConfigError(f"unknown adaptive mode(s) {bad_modes}: use {', '.join(ADAPTIVE_MODES)}")
+        if self.adaptive_steps is not None and self.adaptive_steps < 1:
+            raise ConfigError(f"adaptive_steps must be >= 1, got {self.adaptive_steps}")
         if not 0 < self.fpr < 1:
             raise ConfigError(f"fpr must be in (0, 1), got {self.fpr}")
         if self.score_pool < 10 or self.detector_pool < 10:
             raise ConfigError("score_pool and detector_pool need at least 10 images each")
 
     def to_config(self) -> dict[str, Any]:
-        """The run's config stamp; options added later enter it only when set, so older runs resume."""
+        """The run's config stamp; options added later enter it only when set, so older runs resume
+        (runs made before the ``worst`` default stamped no ``adaptive_modes``: pass ``sum`` to resume one)."""
         d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
         if self.adaptive_modes == ("sum",):
             d.pop("adaptive_modes")
+        if self.adaptive_steps is None:
+            d.pop("adaptive_steps")
         return d
 
 
@@ -241,9 +250,10 @@ def build_probes(s: DetectSettings, detectors: list[Any]) -> list[DetectProbe]:
         params = {"steps": s.attack_steps}
         probes.append(DetectProbe(detectors, attack=s.attack, threat=t, attack_params=params, fpr=s.fpr))
         if t in adaptive:
+            aparams = {"steps": s.adaptive_steps or s.attack_steps}
             for target in s.adaptive_targets:
                 for mode in s.adaptive_modes:
-                    probes.append(DetectProbe(detectors, attack=s.attack, threat=t, attack_params=params,
+                    probes.append(DetectProbe(detectors, attack=s.attack, threat=t, attack_params=aparams,
                                               target=target, weight=s.adaptive_weight, mode=mode, fpr=s.fpr))
     return probes
 

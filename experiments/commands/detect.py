@@ -71,9 +71,14 @@ def register(sub, common) -> None:
     a.add_argument("--adaptive-threats", nargs="+", default=None,
                    help="threats of the adaptive attack (default: all; a subset of --threats)")
     a.add_argument("--adaptive-weight", type=positive_float, default=0.5)
-    a.add_argument("--adaptive-modes", nargs="+", choices=["sum", "selective"], default=["sum"],
-                   help="sum: maximise (1-w) CE - w score; selective: the margin until misclassified, then the "
-                        "score only (Bryniarski et al. 2022); one adaptive run per mode (default sum)")
+    a.add_argument("--adaptive-modes", nargs="+", choices=["worst", "sum", "selective"], default=["worst"],
+                   help="worst (default): APGD on (1-w) margin - w score, then APGD-selective on the examples "
+                        "still robust, the worst case per example; sum: the --attack engine on (1-w) CE - w "
+                        "score (the default before; much weaker); selective: the --attack engine, the margin "
+                        "until misclassified, then the score only (Bryniarski et al. 2022); one adaptive run "
+                        "per mode")
+    a.add_argument("--adaptive-steps", type=positive_int, default=None,
+                   help="steps of each adaptive attack (default: --steps)")
     add_execution_args(p, shard_size=128)
     p.add_argument("--batch-size", type=positive_int, default=128, help="examples per chunk (default 128)")
     p.add_argument("--out", default="runs/detect-digits", help="run directory (default runs/detect-digits)")
@@ -94,7 +99,8 @@ def settings_from_args(args: argparse.Namespace):
         feature_only=args.feature_only, detectors=tuple(args.detectors), attack=args.attack,
         attack_steps=args.steps, threats=tuple(args.threats), adaptive_targets=tuple(args.adaptive_targets),
         adaptive_threats=tuple(args.adaptive_threats) if args.adaptive_threats else None,
-        adaptive_weight=args.adaptive_weight, adaptive_modes=tuple(args.adaptive_modes), fpr=args.fpr,
+        adaptive_weight=args.adaptive_weight, adaptive_modes=tuple(args.adaptive_modes),
+        adaptive_steps=args.adaptive_steps, fpr=args.fpr,
         test_examples=args.test_examples,
         mahalanobis_select=args.mahalanobis_select)
 
@@ -112,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"clean accuracy {100 * d['clean_accuracy']:.1f}% on {d['num_examples']} test examples; "
               f"natural-halves AUROC " + ", ".join(f"{k} {v:.3f}" for k, v in d["natural_halves_auroc"].items()))
         for r in d["rows"]:
-            mode = f"adaptive[{r['target']}]" if r["adaptive"] else "oblivious"
+            how = "" if r.get("adaptive_mode") in (None, "sum") else f",{r['adaptive_mode']}"
+            mode = f"adaptive[{r['target']}{how}]" if r["adaptive"] else "oblivious"
             print(f"{r['attack']}@{r['threat']} {mode:28s} {r['detector']:17s} AUROC {r.get('auroc', float('nan')):.3f}"
                   f"  TPR@5% {(r.get('tpr') or {}).get('5%', float('nan')):.3f}"
                   f"  det.-aware rob. acc. {100 * r.get('detection_aware_robust_accuracy', 0):.1f}%")

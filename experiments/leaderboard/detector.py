@@ -314,18 +314,19 @@ class GuardedAttackProbe:
                 for j, i in enumerate(indices.tolist())]
 
 
-ADAPTIVE = ("detector-aware-apgd-margin", "detector-aware-apgd-selective", "detector-aware-pgd-selective")
+ADAPTIVE_NAMES = ("apgd-margin", "apgd-selective", "pgd-selective")  # attacks.adaptive.DETECTOR_ATTACKS
+ADAPTIVE = tuple(f"detector-aware-{n}" for n in ADAPTIVE_NAMES)
 
 
 def attack_suite(threat: ThreatModel, detector, threshold: float, protocol: str, steps: int | None, seed: int,
                  weight: float) -> list[tuple[str, Any]]:
     """The suite a detector entry needs: the standard protocol against the classifier alone, then
-    three detector-aware attacks (`DetectorObjective`, success = misclassified and under the
-    threshold): APGD on ``(1 - w) margin - w * standardized score``, and APGD and PGD with the
-    selective objective (Bryniarski et al.). The margin, not CE, in the sum: with CE (w 0.5) the
-    sum left 88.67% robust on digits where the margin sum left 52.00% (20 and 100 steps alike)."""
+    three detector-aware attacks (`attacks.adaptive.detector_aware_attacks`, success = misclassified
+    and under the threshold): APGD on ``(1 - w) margin - w * standardized score``, and APGD and PGD
+    with the selective objective (Bryniarski et al.). The margin, not CE, in the sum: with CE (w 0.5)
+    the sum left 88.67% robust on digits where the margin sum left 52.00% (20 and 100 steps alike)."""
     from attacks import create_attack
-    from attacks.adaptive import DetectorObjective
+    from attacks.adaptive import detector_aware_attacks
 
     if protocol == "standard":
         p = {"version": "standard", "seed": seed} | ({"steps": steps} if steps else {})
@@ -336,13 +337,9 @@ def attack_suite(threat: ThreatModel, detector, threshold: float, protocol: str,
         suite = [(n, create_attack(n, threat, steps=s, seed=seed)) for n in ("apgd-ce", "apgd-t")]
         adaptive_steps = s
     module = detector.differentiable()
-    t = module.standardize(threshold)
-    objectives = (DetectorObjective(module, weight=weight, threshold=t, base="margin", mode="sum"),
-                  DetectorObjective(module, threshold=t, base="ce", mode="selective"),
-                  DetectorObjective(module, threshold=t, base="ce", mode="selective"))
-    for label, engine, obj in zip(ADAPTIVE, ("apgd-ce", "apgd-ce", "pgd"), objectives):
-        suite.append((label, create_attack(engine, threat, steps=adaptive_steps, seed=seed, objective=obj)))
-    return suite
+    adaptive = detector_aware_attacks(module, module.standardize(threshold), threat, ADAPTIVE_NAMES,
+                                      steps=adaptive_steps, weight=weight, seed=seed)
+    return suite + [(f"detector-aware-{name}", atk) for name, atk in adaptive]
 
 
 # ---------------------------------------------------------------------------------------------
