@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -177,13 +178,23 @@ def replay(path: str, rule: Anytime, n: int = 100_000, n0: int = 100, alpha: flo
     cert_a = ok[:, None] & (run.lower[:, None] >= thr[None, :])
     samples = run.t + n0
     stops = {k: int((run.stopped == k).sum()) for k in ("settled", "futile", "final")}
+    # examples whose exact-mode count lies within 2 standard deviations of exact mode's certification
+    # boundary at some radius: there exact mode's own answer is a coin flip of the noise
+    near = np.zeros(m, dtype=bool)
+    for k in run.need[run.need <= n]:
+        near |= np.abs(cum[:, -1] - k) <= 2 * math.sqrt(k * (1 - k / n))
     return {"examples": m, "sample_ratio": m * (n + n0) / samples.sum(), "samples_total": int(samples.sum()),
             "exact_certified_accuracy": cert_e.mean(axis=0).tolist(),
             "anytime_certified_accuracy": cert_a.mean(axis=0).tolist(),
             "disagreements": [{"index": int(indices[i]), "radius": radii[j], "exact": bool(cert_e[i, j]),
                                "n_a_exact": int(cum[i, -1]), "stopped": str(run.stopped[i]), "samples": int(samples[i])}
                               for i, j in zip(*np.nonzero(cert_e != cert_a))],
-            "stopped": stops, "samples": samples.tolist(), "indices": indices.tolist()}
+            "stopped": stops, "samples": samples.tolist(), "indices": indices.tolist(),
+            "near_boundary": {"examples": int(near.sum()),
+                              "share_of_samples": float(samples[near].sum() / samples.sum()),
+                              "mean_samples": float(samples[near].mean()) if near.any() else 0.0,
+                              "others_mean_samples": float(samples[~near].mean()),
+                              "ratio_without_them": float((~near).sum() * (n + n0) / samples[~near].sum())}}
 
 
 def replay_report(path: str, out: str) -> None:
@@ -204,6 +215,12 @@ def replay_report(path: str, out: str) -> None:
             res[f"{name} / {tag}"] = r
             print(f"| {name} | {tag}: {r['examples']} | {r['sample_ratio']:.2f}x | {len(r['disagreements'])} | "
                   f"{gap:.1f} | {r['stopped']} |", flush=True)
+    for key, r in res.items():
+        if key.endswith("/ all"):
+            nb = r["near_boundary"]
+            print(f"{key}: {nb['examples']} examples within 2 sd of exact mode's boundary use "
+                  f"{100 * nb['share_of_samples']:.0f}% of the samples ({nb['mean_samples']:.0f} each; the others "
+                  f"{nb['others_mean_samples']:.0f}, {nb['ratio_without_them']:.2f}x without them)")
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(res, indent=1))
     print(f"wrote {out}")
