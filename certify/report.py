@@ -55,8 +55,9 @@ def render_certification(sec: dict[str, Any]) -> tuple[str, list]:
                      f"(the largest reported radius) or cannot reach 1/2; its certificates hold at the same alpha, "
                      f"but ACR and radii above the stop radius are lower bounds of exact mode's.")
     if mode == "anytime":
-        parts.append("> Anytime mode stops each example once a confidence sequence (valid at every sample count) "
-                     "decides it at every table radius; certificates hold at the same alpha, but radii are only as "
+        parts.append("> Anytime mode stops each example once sequential tests per table radius (valid at every "
+                     "sample count) decide it at every table radius, or exact mode at the cap would not certify "
+                     "it; certificates hold at the same alpha, but radii are only as "
                      "tight as those decisions need: compare certified accuracy at the table radii, not ACR or the "
                      "fine curve, with exact mode.")
     from bastion.report import pyplot

@@ -358,7 +358,7 @@ class Smooth:
         """CERTIFY for several examples at once (their noise shares forward passes).
 
         ``indices`` are the examples' dataset indices (the noise keys). Exact mode by default;
-        ``sequential`` (doubling looks) or ``anytime`` (confidence sequence, `certify.anytime`)
+        ``sequential`` (doubling looks) or ``anytime`` (sequential tests per radius, `certify.anytime`)
         switch mode. ``bound="randomized"`` (exact mode only) uses the randomized Clopper-Pearson
         bound `certify.stats.rcp_lower` with ``u`` seeded by (run seed, index)."""
         _check_certify_args(n0, n, alpha)
