@@ -1,5 +1,6 @@
 """Scale-out throughput: 2 local worker processes vs 1, side by side in one run, for certification
-(``bastion certify``) and AutoAttack evaluation (``bastion evaluate --attacks autoattack-native``).
+(``bastion certify``) and AutoAttack evaluation (``bastion evaluate --attacks autoattack-native``, and the
+official pyautoattack through ``--attacks autoattack``).
 
 Each configuration is the real command (run loop, shards, spawn pool) on a small CNN trained for one
 epoch on digits; wall-clock seconds include the worker start-up. Thread split: every worker runs
@@ -44,6 +45,9 @@ def workloads(model: str, n_cert: int, n_aa: int) -> dict[str, tuple[list[str], 
         "AutoAttack (native, standard, linf 0.1)": (
             ["evaluate", "--quiet", "--model", model, "--dataset", "digits", "--max", str(n_aa), "--eps", "0.1",
              "--attacks", "autoattack-native", "--batch-size", "4", "--shard-size", "4"], n_aa),
+        "AutoAttack (pyautoattack, standard, linf 0.1)": (
+            ["evaluate", "--quiet", "--model", model, "--dataset", "digits", "--max", str(n_aa), "--eps", "0.1",
+             "--attacks", "autoattack", "--batch-size", "4", "--shard-size", "4"], n_aa),
     }
 
 
@@ -54,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--certify-examples", type=int, default=128,
                    help="test images certified (default 128: enough work that start-up is a small share)")
     p.add_argument("--aa-examples", type=int, default=96, help="test images attacked (default 96)")
+    p.add_argument("--only", default=None, help="run only the workloads whose name contains this text")
     p.add_argument("--out", default=None, help="also write the markdown table here")
     a = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="scaleout"))
@@ -62,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     sizes = (8, 8) if a.quick else (a.certify_examples, a.aa_examples)
     for name, (cmd, n) in workloads(model, *sizes).items():
+        if a.only and a.only not in name:
+            continue
         times: dict[int, list[float]] = {1: [], 2: []}
         for r in range(a.repeats):
             for w in (1, 2):
