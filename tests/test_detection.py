@@ -3,68 +3,21 @@ the Mahalanobis detector; the detect command's options (no diffusers needed)."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from torch import nn
+from conftest import ToyDetector
 
-from bastion.data import load_dataset
 from bastion.evaluate import evaluate, section_data
 from bastion.folds import FoldContext
 from bastion.records import DetectRecord, parse_record
 from bastion.runner import RunOptions
-from detection.detector import DetectorScore, threshold_at_fpr
 from detection.evaluation import DetectProbe, detection_metrics, fold_detect, natural_halves, render_detection
 from detection.mahalanobis import MahalanobisDetector, default_layers
 
 
-class ToyDetector:
-    """Score = squared distance to the nearest of some training images: attacks leave the data."""
-
-    def __init__(self, bank: torch.Tensor, name: str = "toy"):
-        self.c = bank.flatten(1)
-        self.name = name
-        self.threshold = None
-
-    def features(self, x, generator=None):
-        return x
-
-    def score_features(self, f):
-        return ((f.flatten(1).unsqueeze(1) - self.c.to(f.device).unsqueeze(0)) ** 2).mean(2).amin(1) * 100
-
-    def score(self, x, generator=None):
-        return self.score_features(x).detach().numpy()
-
-    def set_threshold(self, natural_scores, fpr):
-        s = np.asarray(natural_scores)
-        self.threshold = threshold_at_fpr(s, fpr)
-        self.center, self.scale = float(s.mean()), float(s.std())
-        return self.threshold
-
-    def differentiable(self):
-        return DetectorScore(self, self.center, self.scale)
-
-    def describe(self):
-        return {"name": self.name, "kind": "toy", "threshold": self.threshold}
-
-
 @pytest.fixture(scope="module")
-def setup():
-    torch.manual_seed(0)
-    train = load_dataset("synthetic", "train", num_examples_total=200)
-    test = load_dataset("synthetic", "test", num_examples_total=48)
-    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                          nn.Linear(8 * 16, 16), nn.ReLU(), nn.Linear(16, 4))
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
-    for _ in range(60):
-        loss = nn.functional.cross_entropy(model(train.images), train.labels)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval().requires_grad_(False)
-    det = ToyDetector(train.images[:100])
-    det.set_threshold(det.score(train.images[100:]), 0.05)
-    return model, train, test, det
+def setup(toy_detection):
+    return toy_detection
 
 
 def test_records_roundtrip_with_scores():

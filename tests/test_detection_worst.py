@@ -5,64 +5,19 @@ it); the detect settings' new default. No diffusers needed; a few seconds."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from attacks.adaptive import DETECTOR_ATTACKS, STRONG_DETECTOR_SUITE, DetectorObjective, detector_aware_attacks
-from bastion.data import load_dataset
 from bastion.errors import ConfigError
 from bastion.evaluate import evaluate, section_data
 from bastion.runner import RunOptions
-from detection.detector import DetectorScore, threshold_at_fpr
 from detection.evaluation import DetectProbe
 
 
-class NearestDetector:
-    """Score = 100 x the squared distance to the nearest bank image (differentiable)."""
-
-    def __init__(self, bank: torch.Tensor, name: str = "near"):
-        self.c, self.name, self.threshold = bank.flatten(1), name, None
-
-    def features(self, x, generator=None):
-        return x
-
-    def score_features(self, f):
-        return ((f.flatten(1).unsqueeze(1) - self.c.to(f.device).unsqueeze(0)) ** 2).mean(2).amin(1) * 100
-
-    def score(self, x, generator=None):
-        return self.score_features(x).detach().numpy()
-
-    def set_threshold(self, natural, fpr):
-        s = np.asarray(natural)
-        self.threshold = threshold_at_fpr(s, fpr)
-        self.center, self.scale = float(s.mean()), float(s.std())
-        return self.threshold
-
-    def differentiable(self):
-        return DetectorScore(self, self.center, self.scale)
-
-    def describe(self):
-        return {"name": self.name, "kind": "nearest", "threshold": self.threshold}
-
-
 @pytest.fixture(scope="module")
-def setup():
-    torch.manual_seed(0)
-    train = load_dataset("synthetic", "train", num_examples_total=200)
-    test = load_dataset("synthetic", "test", num_examples_total=48)
-    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                          nn.Linear(8 * 16, 16), nn.ReLU(), nn.Linear(16, 4))
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
-    for _ in range(60):
-        loss = nn.functional.cross_entropy(model(train.images), train.labels)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval().requires_grad_(False)
-    det = NearestDetector(train.images[:100])
-    det.set_threshold(det.score(train.images[100:]), 0.05)
+def setup(toy_detection):
+    model, _, test, det = toy_detection
     return model, test, det
 
 
@@ -73,9 +28,9 @@ def _broken(records, threshold: float) -> int:
 
 def test_worst_mode_is_at_least_as_strong_as_the_ce_sum(setup, tmp_path):
     model, test, det = setup
-    kw = {"attack": "pgd", "threat": "linf:0.3", "attack_params": {"steps": 10}, "target": "near", "weight": 0.5}
+    kw = {"attack": "pgd", "threat": "linf:0.3", "attack_params": {"steps": 10}, "target": "toy", "weight": 0.5}
     sum_probe, worst_probe = DetectProbe([det], **kw, mode="sum"), DetectProbe([det], **kw, mode="worst")
-    assert worst_probe.name == "detect/adaptive[near,worst]@linf:0.3"
+    assert worst_probe.name == "detect/adaptive[toy,worst]@linf:0.3"
     assert worst_probe.attack_name == "+".join(STRONG_DETECTOR_SUITE)
     x, y, idx = test.images, test.labels, test.indices
     rs = sum_probe.run(model, x, y, idx, torch.Generator().manual_seed(0))
@@ -96,7 +51,7 @@ def test_worst_mode_is_at_least_as_strong_as_the_ce_sum(setup, tmp_path):
     d = section_data(doc, "detection")
     (w,) = d["worst_case"]
     assert w["threat"] == "linf:0.3" and len(w["probes"]) == 3
-    rows = [r for r in d["rows"] if r["detector"] == "near"]
+    rows = [r for r in d["rows"] if r["detector"] == "toy"]
     assert w["detection_aware_robust_accuracy"] <= min(r["detection_aware_robust_accuracy"] for r in rows)
 
 
