@@ -3,6 +3,12 @@ their test files)."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -119,3 +125,18 @@ def toy_detection():
     det = ToyDetector(train.images[:100])
     det.set_threshold(det.score(train.images[100:]), 0.05)
     return model, train, test, det
+
+
+def kill_when_written(cmd: list[str], target: Path, cwd: Path, env: dict[str, str], timeout: float = 120) -> None:
+    """Start ``cmd`` in its own session and SIGKILL it (and its workers) as soon as ``target`` has
+    content: a crash mid-run, for the resume tests."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if target.is_file() and target.stat().st_size > 0:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read().decode()
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()

@@ -7,13 +7,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from conftest import kill_when_written
 
 from bastion.errors import ConfigError
 
@@ -170,17 +170,7 @@ def test_killed_and_resumed_to_identical_json(board):
     cmd = [sys.executable, "-m", "experiments.cli", "leaderboard", str(board["folder"] / "lb.toml"), "--out", str(out),
            "--quiet", "--device", "cpu", "--threads", "1"]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
-    target = out / "runs" / "pgd-at" / "linf-0.1" / "records.jsonl"   # kill inside the second entry
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if target.is_file() and target.stat().st_size > 0:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, proc.stderr.read().decode()
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_when_written(cmd, out / "runs" / "pgd-at" / "linf-0.1" / "records.jsonl", ROOT, env)   # in the 2nd entry
     assert not (out / "leaderboard.json").exists()
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
