@@ -77,6 +77,14 @@ def mlp(_digits_mlp_state):
     return model.eval()
 
 
+@pytest.fixture(scope="module")
+def batch(digits, mlp):
+    """(x, y): 32 digits test images the MLP classifies correctly (a test file may override it)."""
+    x, y = digits[1].images[:48], digits[1].labels[:48]
+    ok = mlp(x).argmax(1) == y
+    return x[ok][:32], y[ok][:32]
+
+
 class ToyDetector:
     """Score = squared distance to the nearest of some training images: attacks leave the data."""
 

@@ -14,13 +14,6 @@ from bastion.threat import ThreatModel, lp_norm
 torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="module")
-def batch(digits, mlp):
-    x, y = digits[1].images[:48], digits[1].labels[:48]
-    ok = mlp(x).argmax(1) == y
-    return x[ok][:32], y[ok][:32]
-
-
 def test_registered_and_configured():
     assert {"fab", "fab-t"} <= set(list_attacks())
     atk = create_attack("fab-t", "l2:0.5")

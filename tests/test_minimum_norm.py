@@ -16,14 +16,6 @@ from bastion.threat import ThreatModel
 torch.set_num_threads(1)
 
 
-
-@pytest.fixture(scope="module")
-def batch(digits, mlp):
-    x, y = digits[1].images[:48], digits[1].labels[:48]
-    ok = mlp(x).argmax(1) == y
-    return x[ok][:32], y[ok][:32]
-
-
 @pytest.mark.parametrize("name,threat", [("fmn-linf", "linf:0.1"), ("fmn-l2", "l2:0.5"), ("fmn-l1", "l1:2"),
                                          ("fmn-l0", "l0:4"), ("ddn", "l2:0.5"), ("cw-l2", "l2:0.5"),
                                          ("deepfool", "l2:0.5"), ("deepfool", "linf:0.1")])
