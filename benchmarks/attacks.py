@@ -45,14 +45,15 @@ from bastion.models import create_model  # noqa: E402
 from bastion.train import StandardObjective, TrainConfig, fit  # noqa: E402
 
 
-def train_model(seed: int = 0, epochs: int = 15) -> nn.Module:
-    """A small CNN trained with Adam on the digits training split (the project's one training loop)."""
+def train_model(seed: int = 0, epochs: int = 15, objective=None) -> nn.Module:
+    """A small CNN trained with Adam on the digits training split (the project's one training loop);
+    ``objective`` defaults to standard training."""
     tr = load_dataset("digits", "train")
     torch.manual_seed(seed)
     model = create_model("small_cnn", 10, 1, 8)
     cfg = TrainConfig(epochs=epochs, batch_size=64, optimizer="adam", lr=3e-3, weight_decay=0.0,
                       schedule="constant", seed=seed)
-    return fit(model, tr, StandardObjective(), cfg, quiet=True).model
+    return fit(model, tr, objective or StandardObjective(), cfg, quiet=True).model
 
 
 class _Mark(torch.autograd.Function):
