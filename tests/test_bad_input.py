@@ -149,6 +149,12 @@ CASES += [
      ["--sigma"]),
     ("leaderboard-not-toml", ["leaderboard", "{work}/a_file", "--out", "{out}"], ["not valid TOML"]),
     ("sweep-missing-config", ["sweep", "{work}/no-such.toml", "--out", "{out}"], ["not found"]),
+    ("detect-unknown-adaptive-mode", ["detect", "--quiet", "--adaptive-modes", "bogus", "--out", "{out}"],
+     ["--adaptive-modes", "bogus"]),
+    ("cert-anytime-randomized-bound", ["certify", "--quiet", "--model", "{model}", "--sigma", "0.25", "--anytime",
+                                       "--bound", "randomized", "--out", "{out}"], ["randomized", "exact mode"]),
+    ("eval-fab-t-bad-eps", ["evaluate", "--quiet", "--model", "{model}", "--attacks", "fab-t", "--eps", "l1:1",
+                            "--out", "{out}"], ["--eps", "l1:1"]),
 ]
 
 
