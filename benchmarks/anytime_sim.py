@@ -43,10 +43,11 @@ from scipy.stats import beta, norm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from certify.analysis import table_radii  # noqa: E402
-from certify.anytime import Anytime, _cp_lower_vec, simulate  # noqa: E402
+from certify.anytime import Anytime, BetaMixtureCS, _cp_lower_vec, simulate  # noqa: E402
 from certify.smoothing import NOISE_BLOCK, Sequential  # noqa: E402
 
 GRID = [0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.995, 0.999, 0.9995, 0.9999]
+ORACLE_GAMMAS = (0.05, 0.1, 0.2)  # allowed disagreement with exact mode per decision (`oracle_bound`)
 
 
 def doubling_samples(p_a: float, seeds: int, n: int, alpha: float, sigma: float, radii: list[float],
@@ -183,7 +184,10 @@ def replay(path: str, rule: Anytime, n: int = 100_000, n0: int = 100, alpha: flo
     near = np.zeros(m, dtype=bool)
     for k in run.need[run.need <= n]:
         near |= np.abs(cum[:, -1] - k) <= 2 * math.sqrt(k * (1 - k / n))
+    bound = {str(g): float(m * (n + n0) / oracle_bound(cum[:, -1], ok, run.thr, run.need, n, n0, alpha, g).sum())
+             for g in ORACLE_GAMMAS}
     return {"examples": m, "sample_ratio": m * (n + n0) / samples.sum(), "samples_total": int(samples.sum()),
+            "oracle_bound_ratio": bound,
             "exact_certified_accuracy": cert_e.mean(axis=0).tolist(),
             "anytime_certified_accuracy": cert_a.mean(axis=0).tolist(),
             "disagreements": [{"index": int(indices[i]), "radius": radii[j], "exact": bool(cert_e[i, j]),
@@ -197,14 +201,64 @@ def replay(path: str, rule: Anytime, n: int = 100_000, n0: int = 100, alpha: flo
                               "ratio_without_them": float((~near).sum() * (n + n0) / samples[~near].sum())}}
 
 
+def _wald(a: float, b: float, kl: float) -> float:
+    """Wald's lower bound on the mean sample size of a sequential test between two simple hypotheses
+    with errors ``a`` (first kind) and ``b`` (second kind), ``kl`` nats apart per sample."""
+    a, b = min(max(a, 1e-300), 1 - 1e-12), min(max(b, 1e-12), 1 - 1e-12)
+    return max(0.0, (1 - b) * math.log((1 - b) / a) + b * math.log(b / (1 - a))) / kl if kl > 0 else math.inf
+
+
+def _kl(p: float, q: float) -> float:
+    """KL(Bernoulli(p) || Bernoulli(q)) in nats."""
+    p = min(max(p, 1e-15), 1 - 1e-15)
+    return p * math.log(p / q) + (1 - p) * math.log((1 - p) / (1 - q))
+
+
+def oracle_bound(n_a: np.ndarray, correct: np.ndarray, thr: np.ndarray, need: np.ndarray, n: int, n0: int,
+                 alpha: float, gamma: float) -> np.ndarray:
+    """Per example, an estimate of the fewest samples (n0 + estimation, at most n0 + n) with which ANY
+    sequential rule valid at level ``alpha`` could give exact mode's certified table, erring against it
+    with probability at most ``gamma`` per decision, even one that knows pA (taken as ``n_a / n``).
+
+    Two decisions cost samples (Wald's bound, `_wald`): certifying the largest threshold ``p_j`` exact
+    mode certifies (a level-alpha test of ``pA <= p_j``, power ``1 - gamma``), and declining the next one
+    that exact mode could reach: exact mode certifies it with probability ``q(p')`` if pA were ``p'``, so
+    a rule that declines at most ``gamma / q(p')`` of the time under every such ``p'`` must tell pA from
+    each ``p'`` (the worst ``p'`` is taken). Abstentions of misclassified examples are free. An estimate,
+    not a theorem: pA is the plug-in ``n_a / n``, and the cap is applied as ``min(n, .)``."""
+    from scipy.stats import binom
+
+    out = np.full(len(n_a), float(n0))
+    for i, (k, ok) in enumerate(zip(n_a, correct)):
+        if not ok:
+            continue
+        p = float(k) / n
+        cert = np.flatnonzero(k >= need)
+        cost = 0.0
+        if cert.size:
+            j = int(cert.max())
+            cost = _wald(alpha, gamma, _kl(p, float(thr[j]))) if p > thr[j] else math.inf
+        nxt = int(cert.max()) + 1 if cert.size else 0
+        if nxt < len(thr) and need[nxt] <= n:
+            b = need[nxt] / n
+            sd = math.sqrt(max(b * (1 - b), 1.0 / n) / n)
+            for pp in np.linspace(max(p, b - 6 * sd), min(1 - 1e-12, b + 6 * sd), 241):
+                q = float(binom.sf(need[nxt] - 1, n, pp))
+                if pp > p and q > gamma:
+                    cost = max(cost, _wald(gamma / q, gamma, _kl(p, pp)))
+        out[i] = n0 + min(float(n), cost)
+    return out
+
+
 def replay_report(path: str, out: str) -> None:
     radii = tuple(table_radii(1.0))
     idx = np.load(path)["indices"]
-    rules = {"default (futility 0.05, growth 1.05, final share 0.2)": Anytime(radii=radii),
+    rules = {"default (futility 0.05, growth 1.05, final share 0.2, one-sided decline CS)": Anytime(radii=radii),
              "futility 0 (decline only the unreachable)": Anytime(radii=radii, futility=0.0),
              "futility 0.2": Anytime(radii=radii, futility=0.2),
              "final share 0": Anytime(radii=radii, final_share=0.0),
-             "growth 1.1": Anytime(radii=radii, growth=1.1)}
+             "growth 1.1": Anytime(radii=radii, growth=1.1),
+             "two-sided decline CS (BetaMixtureCS, the previous default)": Anytime(radii=radii, cs=BetaMixtureCS())}
     res = {}
     print("| rule | images | samples vs exact | disagreements (image, radius) | max gap (points) | stopped |")
     print("|---|---|---|---|---|---|")
@@ -221,6 +275,10 @@ def replay_report(path: str, out: str) -> None:
             print(f"{key}: {nb['examples']} examples within 2 sd of exact mode's boundary use "
                   f"{100 * nb['share_of_samples']:.0f}% of the samples ({nb['mean_samples']:.0f} each; the others "
                   f"{nb['others_mean_samples']:.0f}, {nb['ratio_without_them']:.2f}x without them)")
+    for tag in ("every 15th (benchmark D's 30)", "all"):
+        r = next(v for k, v in res.items() if k.endswith(f"/ {tag}"))
+        print(f"{tag}: the best ratio ANY rule could reach (`oracle_bound`, knowing pA), per allowed disagreement "
+              "gamma: " + ", ".join(f"{g}: {v:.2f}x" for g, v in r["oracle_bound_ratio"].items()))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(res, indent=1))
     print(f"wrote {out}")

@@ -29,7 +29,7 @@ After each look, threshold ``j`` is
 - *declined* (undecided within the budget; "futility") when exact mode at the cap would, with high
   probability under the data so far, not certify it: with ``k_j`` the least count for which exact
   mode's Clopper-Pearson bound at ``n`` (full alpha) reaches ``p_j`` and ``U`` the upper end of a
-  confidence sequence at level ``gamma`` (`BetaMixtureCS`, the running minimum; ``gamma =
+  one-sided confidence sequence at level ``gamma`` (`UpperMixtureCS`, the running minimum; ``gamma =
   futility_cs``, by default ``futility``), ``P(S_t + Bin(n - t, U) >= k_j) <= futility``. With
   ``futility = 0`` only thresholds exact mode can no longer reach at all (``S_t + n - t < k_j``)
   are declined. Higher thresholds follow.
@@ -96,7 +96,7 @@ class BetaMixtureCS:
     nonnegative martingale of mean 1 under ``pA = p``; by Ville ``{p : M_t(p) < 1/alpha}`` contains pA
     at every t at once with probability ``>= 1 - alpha``. ``log M_t`` is convex in p, so the set is an
     interval around ``S_t / t``. Prior: ``(1 - edge)`` Beta(a, b) + ``edge / 2`` at q = 0 and at q = 1.
-    Used for the futility rule's upper bound (`AnytimeRun`)."""
+    The decline rule's sequence before `UpperMixtureCS` (still selectable: ``Anytime(cs=BetaMixtureCS())``)."""
 
     a: float = 0.5
     b: float = 0.5
@@ -182,6 +182,56 @@ class ThresholdTests:
         return np.logaddexp(np.logaddexp.reduce(terms, axis=-1), edge)
 
 
+@dataclass(frozen=True)
+class UpperMixtureCS:
+    """One-sided confidence sequence: a time-uniform upper bound on pA from ``(S_t, t)``, the decline
+    rule's (`AnytimeRun`; it only ever uses an upper end, so a two-sided sequence wastes evidence).
+
+    For a candidate ``p`` (failure rate ``f_0 = 1 - p``) mix the likelihood ratios of failure rates
+    ``f_0 / rho`` for ``rho`` in ``ratios`` (those below 1 as a rate) with FIXED weights ``(1 - zero) /
+    len(ratios)``, plus an atom at pA = 0 of weight ``zero``: the down test of `ThresholdTests`, except
+    that its weights do not depend on p. Under ``pA >= p`` it is a nonnegative supermartingale of mean
+    <= 1 (`ThresholdTests`), so by Ville ``P(exists t: E_t(pA) >= 1/alpha) <= alpha``. For fixed data
+    every term grows with p (a rarer null failure makes the observed failures more surprising) and
+    more ratios become possible, so ``E_t(p)`` is nondecreasing in p: ``{p : E_t(p) < 1/alpha}`` is an
+    interval ``[0, U_t)`` and ``pA <= U_t`` at every t at once with probability ``>= 1 - alpha``."""
+
+    ratios: tuple[float, ...] = _RATIOS
+    zero: float = 0.3
+
+    def __post_init__(self) -> None:
+        if not self.ratios or any(not 0 < r < 1 for r in self.ratios) or not 0 < self.zero < 1:
+            raise ConfigError(f"upper confidence sequence needs ratios in (0, 1) and 0 < zero < 1, got {self}")
+
+    def log_e(self, s: np.ndarray, t: np.ndarray, p: np.ndarray) -> np.ndarray:
+        """``log E_t(p)`` elementwise over broadcast ``s, t, p`` (float64; ``0 < p < 1``)."""
+        s, t, p = np.broadcast_arrays(*(np.asarray(v, dtype=np.float64) for v in (s, t, p)))
+        rho = 1.0 / np.asarray(self.ratios, dtype=np.float64)
+        F, S, F0 = (t - s)[..., None], s[..., None], 1.0 - p[..., None]
+        w = math.log((1 - self.zero) / len(self.ratios))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ok = rho * F0 < 1
+            step = np.log1p(-np.where(ok, rho * F0, 0.0)) - np.log1p(-F0)
+            terms = np.where(ok, w + F * np.log(rho) + S * step, -np.inf)
+            edge = np.where(s == 0, math.log(self.zero) - t * np.log1p(-p), -np.inf)
+        return np.logaddexp(np.logaddexp.reduce(terms, axis=-1), edge)
+
+    def bounds(self, s: Sequence[int] | np.ndarray, t: Sequence[int] | np.ndarray,
+               alpha: float) -> tuple[np.ndarray, np.ndarray]:
+        """(0, U_t) per element (the interface of `BetaMixtureCS`; no lower end): bisection on p."""
+        s = np.atleast_1d(np.asarray(s, dtype=np.float64))
+        t = np.atleast_1d(np.asarray(t, dtype=np.float64))
+        if np.any(t <= 0) or np.any(s < 0) or np.any(s > t):
+            raise ValueError("need 0 <= S <= t and t > 0")
+        c = math.log(1.0 / alpha)
+        lo, hi = s / t, np.ones_like(s)            # E_t(S_t / t) <= 1 < 1/alpha: the estimate is inside
+        for _ in range(_BISECT):
+            mid = 0.5 * (lo + hi)
+            out = self.log_e(s, t, mid) >= c
+            lo, hi = np.where(out, lo, mid), np.where(out, mid, hi)
+        return np.zeros_like(s), np.where(s < t, hi, 1.0)
+
+
 STOP_REASONS = ("settled", "futile", "final")
 
 
@@ -207,7 +257,7 @@ class Anytime:
     futility_cs: float | None = None
     final_share: float = 0.2
     tests: ThresholdTests = ThresholdTests()
-    cs: BetaMixtureCS = BetaMixtureCS()
+    cs: UpperMixtureCS | BetaMixtureCS = UpperMixtureCS()
 
     def __post_init__(self) -> None:
         if self.first < 1:
