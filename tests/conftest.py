@@ -3,9 +3,11 @@ their test files)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -135,16 +137,44 @@ def toy_detection():
     return model, train, test, det
 
 
-def kill_when_written(cmd: list[str], target: Path, cwd: Path, env: dict[str, str], timeout: float = 120) -> None:
-    """Start ``cmd`` in its own session and SIGKILL it (and its workers) as soon as ``target`` has
-    content: a crash mid-run, for the resume tests."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
+ROOT = Path(__file__).resolve().parents[1]
+PAUSE_HOOK = Path(__file__).resolve().parent / "pause_hook"
+
+
+def pausing_env(env: dict[str, str], log: Path, lines: int) -> dict[str, str]:
+    """``env`` for a child process that stops itself (sleeps until killed) right after an append leaves
+    the line log ``log`` (absolute path) with at least ``lines`` lines: a kill point mid-run that does
+    not depend on the machine's speed (pause_hook/sitecustomize.py). `wait_for_pause` waits for it."""
+    path = [str(PAUSE_HOOK), str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    return {**env, "PYTHONPATH": os.pathsep.join(path), "BASTION_TEST_PAUSE": f"{lines}:{log}"}
+
+
+def wait_for_pause(proc: subprocess.Popen, log: Path, timeout: float = 240) -> int:
+    """Wait until the run started with `pausing_env` (``proc``, or a process it started) has paused;
+    returns the id of the paused process."""
+    marker = Path(os.path.realpath(log) + ".paused")
     deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        if target.is_file() and target.stat().st_size > 0:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, proc.stderr.read().decode()
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    while not marker.is_file():
+        assert proc.poll() is None, f"the run ended (exit code {proc.returncode}) before its pause point"
+        assert time.time() < deadline, f"the run did not reach its pause point in {timeout} s"
+        time.sleep(0.02)
+    pid = int(marker.read_text())
+    marker.unlink()   # leave the run directory as the run left it
+    return pid
+
+
+def kill_when_written(cmd: list[str], target: Path, cwd: Path, env: dict[str, str], timeout: float = 240) -> None:
+    """Start ``cmd`` in its own session and SIGKILL it (and its workers) once ``target`` has its first
+    records (the run pauses there, see `pausing_env`): a crash mid-run, for the resume tests."""
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=pausing_env(env, target, 1), stdout=subprocess.DEVNULL, stderr=err,
+                                start_new_session=True)
+        try:
+            wait_for_pause(proc, target, timeout)
+        except AssertionError as exc:
+            err.seek(0)
+            raise AssertionError(f"{exc}\n{err.read().decode(errors='replace')[-3000:]}") from None
+        finally:
+            with contextlib.suppress(ProcessLookupError):   # gone already if it ended early
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

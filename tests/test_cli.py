@@ -4,48 +4,57 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import pausing_env, wait_for_pause
 
 from experiments.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+
+
 def bastion(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "experiments", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "experiments", *args], cwd=cwd, env=_env(),
                           capture_output=True, text=True, timeout=600)
 
 
-def start(*args: str, cwd: Path) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "experiments", *args], cwd=cwd, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def start(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "experiments", *args], cwd=cwd, env=env or _env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen) -> str:
+    """Wait for ``proc`` (from `start`) to succeed; returns its stdout."""
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    return out
 
 
 def lines(path: Path) -> int:
     return len(path.read_text().splitlines()) if path.is_file() else 0
 
 
-def kill_when(proc: subprocess.Popen, path: Path, at_least: int, timeout: float = 240) -> int:
-    """SIGKILL ``proc`` once ``path`` has ``at_least`` lines; return the line count at the kill."""
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        n = lines(path)
-        if n >= at_least or proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the process finished before it could be killed; make the workload larger"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    return lines(path)
+def kill_at(args: list[str], log: Path, at_least: int, cwd: Path) -> int:
+    """Run ``bastion *args``, SIGKILL it once an append leaves ``log`` with ``at_least`` lines (the run
+    pauses right there, `conftest.pausing_env`); return the log's line count at the kill."""
+    proc = start(*args, cwd=cwd, env=pausing_env(_env(), log, at_least))
+    try:
+        paused = wait_for_pause(proc, log)
+    except AssertionError as exc:
+        proc.kill()
+        raise AssertionError(f"{exc}: {proc.communicate()[1][-3000:]}") from None
+    proc.kill()
+    proc.communicate()
+    assert paused == proc.pid
+    return lines(log)
 
 
 @pytest.fixture(scope="module")
@@ -110,14 +119,15 @@ def test_images_outside_unit_range_are_rejected(trained):
 @pytest.mark.slow
 def test_evaluate_killed_midway_resumes_to_identical_metrics(trained):
     model = str(trained / "std" / "model.safetensors")
-    args = ["evaluate", "--quiet", "--model", model, "--eps", "0.05,0.1", "--steps", "60", "--batch-size", "8"]
-    full = bastion(*args, "--out", "full", cwd=trained)
-    assert full.returncode == 0, full.stderr
+    n = 64
+    args = ["evaluate", "--quiet", "--model", model, "--eps", "0.05,0.1", "--steps", "5", "--batch-size", "8",
+            "--max", str(n)]
+    full = start(*args, "--out", "full", cwd=trained)   # the uninterrupted reference, alongside the killed run
+    at_kill = kill_at([*args, "--out", "killed"], trained / "killed" / "records.jsonl", n + 20, cwd=trained)
+    finish(full)
     total = lines(trained / "full" / "records.jsonl")
-    assert total == 3 * 450
-    proc = start(*args, "--out", "killed", cwd=trained)
-    at_kill = kill_when(proc, trained / "killed" / "records.jsonl", at_least=500)
-    assert 0 < at_kill < total
+    assert total == 3 * n
+    assert n + 20 <= at_kill < 2 * n   # killed inside the first attack's probe, clean all recorded
     again = bastion(*args, "--out", "killed", cwd=trained)
     assert again.returncode == 0, again.stderr
     assert (trained / "killed" / "metrics.json").read_bytes() == (trained / "full" / "metrics.json").read_bytes()
@@ -128,20 +138,20 @@ def test_evaluate_killed_midway_resumes_to_identical_metrics(trained):
 def test_train_killed_midway_resumes_from_last_epoch(tmp_path):
     from safetensors.torch import load_file
 
-    args = ["train", "--objective", "pgd", "--eps", "0.1", "--steps", "3", "--epochs", "5", "--seed", "3"]
-    ref = bastion(*args, "--quiet", "--out", "ref", cwd=tmp_path)
-    assert ref.returncode == 0, ref.stderr
-    proc = start(*args, "--quiet", "--out", "run", cwd=tmp_path)
-    done = kill_when(proc, tmp_path / "run" / "train_log.jsonl", at_least=2)
-    assert 2 <= done < 5
+    args = ["train", "--objective", "pgd", "--eps", "0.1", "--steps", "3", "--epochs", "4", "--max", "256",
+            "--seed", "3"]
+    ref = start(*args, "--quiet", "--out", "ref", cwd=tmp_path)   # the uninterrupted reference, alongside
+    log = tmp_path / "run" / "train_log.jsonl"
+    done = kill_at([*args, "--quiet", "--out", "run"], log, 2, cwd=tmp_path)
+    finish(ref)
+    assert done == 2   # epochs 0 and 1 committed, the run stopped before epoch 2
     again = bastion(*args, "--out", "run", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert f"resuming from epoch {done}" in again.stdout
     a = load_file(str(tmp_path / "ref" / "model.safetensors"))
     b = load_file(str(tmp_path / "run" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert [r["epoch"] for r in map(json.loads, (tmp_path / "run" / "train_log.jsonl").read_text().splitlines())] \
-        == list(range(5))
+    assert [r["epoch"] for r in map(json.loads, log.read_text().splitlines())] == list(range(4))
 
 
 def test_toml_config_and_unknown_key(tmp_path, capsys, trained):
