@@ -51,10 +51,18 @@ def _abs(args, cwd: Path) -> list[str]:
     return [str(cwd / a) if a.endswith(".safetensors") else a for a in args]
 
 
+def start(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "experiments.cli", *_abs(args, cwd)], cwd=cwd, env=env or _env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen) -> None:
+    out, err = proc.communicate(timeout=400)
+    assert proc.returncode == 0, out[-2000:] + err[-3000:]
+
+
 def bastion(*args: str, cwd: Path, env: dict[str, str] | None = None) -> None:
-    r = subprocess.run([sys.executable, "-m", "experiments.cli", *_abs(args, cwd)], cwd=cwd, env=env or _env(),
-                       capture_output=True, text=True, timeout=400)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    finish(start(*args, cwd=cwd, env=env))
 
 
 @pytest.fixture(scope="module")
@@ -90,9 +98,10 @@ def cluster():
         HEAD["pid"] = head.pid
         yield address
     finally:
-        # the head and everything it started share its session: end that group, by its id
+        # the head and everything it started share its session: end that group, by its id (SIGINT: `ray start
+        # --block` stops its cluster on it within a couple of seconds, and ignores SIGTERM)
         try:
-            os.killpg(head.pid, signal.SIGTERM)
+            os.killpg(head.pid, signal.SIGINT)
             head.wait(timeout=10)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             try:
@@ -116,9 +125,10 @@ EVALUATE = ["evaluate", "--quiet", "--model", "std/model.safetensors", "--datase
 @pytest.mark.parametrize("argv", [CERTIFY, EVALUATE], ids=["certify", "evaluate"])
 def test_ray_cluster_started_by_ray_start_gives_the_local_records(work, cluster, argv):
     name = argv[0]
-    bastion(*argv, "--out", f"{name}-local", cwd=work)
+    local = start(*argv, "--out", f"{name}-local", cwd=work)   # alongside the Ray run
     bastion(*argv, "--backend", "ray", "--address", "auto", "--threads", "1", "--out", f"{name}-ray", cwd=work,
             env=_env(RAY_ADDRESS=cluster))
+    finish(local)
     assert _records(work / f"{name}-ray") == _records(work / f"{name}-local")
 
 
@@ -143,7 +153,7 @@ def test_a_ray_worker_killed_mid_task_is_retried_and_the_run_finishes(work, clus
     if not local.is_dir():
         bastion(*CERTIFY, "--out", "certify-local", cwd=work)
     argv = [*CERTIFY[:CERTIFY.index("--n")], "--n", "20000", *CERTIFY[CERTIFY.index("--batch"):]]
-    bastion(*argv, "--out", "certify-big-local", cwd=work)
+    big_local = start(*argv, "--out", "certify-big-local", cwd=work)   # alongside the Ray run
     proc = subprocess.Popen([sys.executable, "-m", "experiments.cli", *_abs(argv, work), "--backend", "ray",
                              "--address", "auto", "--threads", "1", "--retries", "3", "--out", "certify-killed"],
                             cwd=work,
@@ -164,6 +174,7 @@ def test_a_ray_worker_killed_mid_task_is_retried_and_the_run_finishes(work, clus
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    finish(big_local)
     assert killed is not None, "no Ray task worker was seen"
     assert proc.returncode == 0, out[-2000:] + err[-3000:]
     assert _records(work / "certify-killed") == _records(work / "certify-big-local")
