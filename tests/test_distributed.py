@@ -4,17 +4,18 @@ global batch (PGD-AT and RS-AAER); a rank killed mid-run and a rerun resume to t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import pausing_env, wait_for_pause
 
 from bastion import distributed as dist
 from bastion.errors import ConfigError
@@ -84,10 +85,32 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
+class Run:
+    """`bastion train` (``nproc`` processes) started now, awaited by `done` (runs compared with each other go
+    side by side: the two cores are otherwise idle while one of them starts up)."""
+
+    def __init__(self, nproc: int, args: list[str], out: Path, env: dict[str, str] | None = None):
+        self.out = out
+        out.parent.mkdir(parents=True, exist_ok=True)
+        self.log = out.parent / f"{out.name}.output"
+        with open(self.log, "w") as f:
+            self.proc = subprocess.Popen(_train_cmd(nproc, [*args, "--out", str(out)]), cwd=ROOT, env=env or _env(),
+                                         stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def done(self) -> Path:
+        rc = self.proc.wait(timeout=300)
+        assert rc == 0, self.log.read_text()[-5000:]
+        return self.out
+
+    def stop(self) -> None:
+        """End the run and whatever it started (its own session)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+
 def _train(nproc: int, args: list[str], out: Path) -> None:
-    r = subprocess.run(_train_cmd(nproc, [*args, "--out", str(out)]), cwd=ROOT, env=_env(),
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    Run(nproc, args, out).done()
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -108,21 +131,35 @@ def _assert_same_weights(a: Path, b: Path, tol: float = 1e-5) -> None:
 # in one process vs 2 x 32 summed by DDP) into full-size steps; SGD keeps them at float level
 BASE = ["--dataset", "digits", "--model", "small_cnn", "--model-arg", "width=8", "--optimizer", "sgd",
         "--quiet", "--threads", "1"]
-PGD = BASE + ["--max", "134", "--objective", "pgd", "--eps", "0.1", "--steps", "2", "--epochs", "2", "--lr", "0.05"]
+PGD = BASE + ["--max", "134", "--objective", "pgd", "--eps", "0.1", "--steps", "2", "--epochs", "4", "--lr", "0.05"]
 # eps 0.3 with a fast learning rate: some batches hold both AAEs and normal examples (the regularizer fires)
 AAER = BASE + ["--max", "301", "--objective", "rs_aaer", "--eps", "0.3", "--epochs", "3", "--lr", "0.5",
                "--monitor", "on", "--monitor-examples", "30", "--monitor-pgd-steps", "2", "--log-batches"]
 
 
+@pytest.fixture(scope="module")
+def pgd_two_ranks(tmp_path_factory):
+    """The uninterrupted 2-process PGD run (per-rank batch 16): the batch test's and the kill tests' reference,
+    started when first asked for."""
+    run = Run(2, [*PGD, "--batch-size", "16"], tmp_path_factory.mktemp("pgd2") / "ref")
+    yield run
+    run.stop()
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name,args", [("pgd", PGD), ("rs_aaer", AAER)])
-def test_two_gloo_processes_match_one_process_with_the_global_batch(tmp_path, name, args):
-    """Per-rank batch 32 x 2 ranks == batch 64 in one process (the last batch splits unevenly)."""
-    _train(1, [*args, "--batch-size", "64"], tmp_path / "one")
-    _train(2, [*args, "--batch-size", "32"], tmp_path / "two")
-    _assert_same_weights(tmp_path / "one", tmp_path / "two")
-    logs = [[json.loads(line) for line in (tmp_path / d / "train_log.jsonl").read_text().splitlines()]
-            for d in ("one", "two")]
+@pytest.mark.parametrize("name", ["pgd", "rs_aaer"])
+def test_two_gloo_processes_match_one_process_with_the_global_batch(tmp_path, name, request):
+    """Per-rank batch B x 2 ranks == batch 2B in one process (the last batch is a partial one)."""
+    if name == "pgd":
+        one = Run(1, [*PGD, "--batch-size", "32"], tmp_path / "one")
+        two = request.getfixturevalue("pgd_two_ranks")
+    else:
+        one = Run(1, [*AAER, "--batch-size", "64"], tmp_path / "one")
+        two = Run(2, [*AAER, "--batch-size", "32"], tmp_path / "two")
+    one_dir, two_dir = one.done(), two.done()
+    _assert_same_weights(one_dir, two_dir)
+    logs = [[json.loads(line) for line in (d / "train_log.jsonl").read_text().splitlines()] for d in (one_dir, two_dir)]
+    assert len(logs[0]) == len(logs[1]) > 1
     for a, b in zip(*logs):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
         assert a["train_acc"] == b["train_acc"]
@@ -131,9 +168,9 @@ def test_two_gloo_processes_match_one_process_with_the_global_batch(tmp_path, na
             if k in a:
                 assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-9)
     if name == "rs_aaer":  # the regularizer really ran, on global statistics
-        batches = [json.loads(line) for line in (tmp_path / "two" / "batches.jsonl").read_text().splitlines()]
+        batches = [json.loads(line) for line in (two_dir / "batches.jsonl").read_text().splitlines()]
         assert any(r["gate_open"] and r["reg"] > 0 for r in batches)
-    assert not (tmp_path / "two" / "parts").exists()
+    assert not (two_dir / "parts").exists()
 
 
 def _children(pid: int) -> list[int]:
@@ -157,30 +194,23 @@ def _rank_pid(launcher: int, rank: int) -> int | None:
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc to find the ranks")
 @pytest.mark.parametrize("victim", [0, 1])
-def test_killing_a_rank_mid_run_and_rerunning_resumes_to_the_same_weights(tmp_path, victim):
-    args = [*PGD[:PGD.index("--epochs")], "--epochs", "4", "--lr", "0.05", "--batch-size", "16"]
-    _train(2, args, tmp_path / "ref")
+def test_killing_a_rank_mid_run_and_rerunning_resumes_to_the_same_weights(tmp_path, victim, pgd_two_ranks):
+    args = [*PGD, "--batch-size", "16"]
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_train_cmd(2, [*args, "--out", str(out)]), cwd=ROOT, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log = out / "train_log.jsonl"
+    # rank 0 stops right after committing epoch 1 (`conftest.pausing_env`), rank 1 waits for it at the barrier
+    run = Run(2, args, out, env=pausing_env(_env(), log, 1))
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None:
-            if log.is_file() and log.read_text().count("\n") >= 1:  # epoch 1 committed, epoch 2 running
-                break
-            time.sleep(0.05)
-        pid = _rank_pid(proc.pid, victim)
-        assert pid is not None and proc.poll() is None, "the run ended before a rank could be killed"
+        paused = wait_for_pause(run.proc, log)
+        assert paused == _rank_pid(run.proc.pid, 0)
+        pid = _rank_pid(run.proc.pid, victim)
+        assert pid is not None and run.proc.poll() is None
         os.kill(pid, signal.SIGKILL)
-        assert proc.wait(timeout=120) != 0
+        assert run.proc.wait(timeout=120) != 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        run.stop()
     assert not (out / "model.safetensors").exists()
-    committed = len(log.read_text().splitlines())
-    assert 1 <= committed < 4
+    assert len(log.read_text().splitlines()) == 1
     _train(2, args, out)
-    _assert_same_weights(tmp_path / "ref", out)
+    _assert_same_weights(pgd_two_ranks.done(), out)
     assert len(log.read_text().splitlines()) == 4
