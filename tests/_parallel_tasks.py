@@ -10,14 +10,11 @@ def square(task):
     return task * task
 
 
-def threads_and_pid(task):
+def flaky(task):
+    """Fails the first time it sees each task (a marker file records the first attempt); then returns
+    (value, torch threads of the worker that ran it)."""
     import torch
 
-    return torch.get_num_threads(), os.getpid()
-
-
-def flaky(task):
-    """Fails the first time it sees each task (a marker file records the first attempt)."""
     value, marker_dir = task
     marker = Path(marker_dir) / f"seen-{value}"
     if not marker.exists():
@@ -25,7 +22,7 @@ def flaky(task):
         if value % 2:
             raise RuntimeError(f"transient failure on {value}")
         os._exit(3)  # kill the worker process outright
-    return value
+    return value, torch.get_num_threads()
 
 
 def always_fails(task):

@@ -36,11 +36,11 @@ def test_inline_runs_in_order_and_reports_each_result():
 @pytest.mark.slow
 def test_process_pool_sets_threads_and_retries_crashes_and_exceptions(tmp_path):
     seen = {}
-    out = run_tasks(tasks.flaky, [(v, str(tmp_path)) for v in range(2)], workers=2, retries=2,
+    # threads=3: no default (1 per worker here, or OMP_NUM_THREADS) gives 3, so the setting really reached them
+    out = run_tasks(tasks.flaky, [(v, str(tmp_path)) for v in range(2)], workers=2, retries=2, threads=3,
                     on_result=lambda i, r: seen.setdefault(i, r))
-    assert out == [0, 1] and seen == {0: 0, 1: 1}
-    info = run_tasks(tasks.threads_and_pid, [0, 1], workers=2, threads=1)
-    assert {t for t, _ in info} == {1}
+    assert [v for v, _ in out] == [0, 1] and {i: v for i, (v, _) in seen.items()} == {0: 0, 1: 1}
+    assert {t for _, t in out} == {3}   # in the workers that ran the retries too
     with pytest.raises(ValueError, match="permanent"):
         run_tasks(tasks.always_fails, [0, 1], workers=2, retries=1)
     with pytest.raises(Exception, match="crashed"):
