@@ -154,13 +154,16 @@ def test_safetensors_bytes_do_not_depend_on_the_process(tmp_path):
 
     from bastion.checkpoints import safetensors_bytes, write_safetensors
 
+    procs = [subprocess.Popen([sys.executable, "-c", _BYTES_SCRIPT], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={"OMP_NUM_THREADS": "1", "PYTHONHASHSEED": seed, "PATH": "/usr/bin:/bin"})
+             for seed in ("1", "2", "3")]   # side by side: independent processes
     digests = set()
-    for seed in ("1", "2", "3"):
-        out = subprocess.run([sys.executable, "-c", _BYTES_SCRIPT], capture_output=True, text=True, timeout=120,
-                             env={"OMP_NUM_THREADS": "1", "PYTHONHASHSEED": seed, "PATH": "/usr/bin:/bin"})
-        assert out.returncode == 0, out.stderr
-        digests.add(out.stdout.strip())
-    assert len(digests) == 1  # 6 metadata keys: the library alone orders them at random per process
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        digests.add(out.strip())
+    # 6 metadata keys: the library alone orders them at random per process
+    assert len(digests) == 1 and "" not in digests
     # the bytes are a valid safetensors file holding the same tensors and metadata
     t = {"b": torch.rand(2, 3), "a": torch.arange(4), "c": torch.tensor(1.5, dtype=torch.float64)}
     write_safetensors(tmp_path / "x.safetensors", t, {"z": "1", "a": "2"})

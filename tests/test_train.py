@@ -382,11 +382,13 @@ def test_identical_trainings_in_separate_processes_write_identical_bytes(tmp_pat
     import subprocess
     import sys
 
-    for name, hashseed in (("a", "1"), ("b", "2")):
-        out = subprocess.run([sys.executable, "-c", _TRAIN_SCRIPT, str(tmp_path / name), objective],
-                             capture_output=True, text=True, timeout=300,
-                             env={"OMP_NUM_THREADS": "1", "PYTHONHASHSEED": hashseed, "PATH": "/usr/bin:/bin"})
-        assert out.returncode == 0, out.stderr
+    procs = [subprocess.Popen([sys.executable, "-c", _TRAIN_SCRIPT, str(tmp_path / name), objective],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={"OMP_NUM_THREADS": "1", "PYTHONHASHSEED": hashseed, "PATH": "/usr/bin:/bin"})
+             for name, hashseed in (("a", "1"), ("b", "2"))]   # side by side: independent processes
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
     for f in ("last.safetensors", "last.json"):
         a = (tmp_path / "a" / "checkpoints" / f).read_bytes()
         assert a == (tmp_path / "b" / "checkpoints" / f).read_bytes(), f
