@@ -4,16 +4,17 @@ give the same rows as 1 worker, the `bastion certify` command and the report ren
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import pausing_env, wait_for_pause
 
 from bastion.data import load_dataset
 from certify.logs import CERTIFY_HEADER, read_log
@@ -122,19 +123,17 @@ def test_killed_run_resumes_to_the_same_rows_and_metrics(reference, ckpt, data, 
         s = [Setting("sigma0.25", {ckpt!r}, 0.25, 4), Setting("sigma0.5", {ckpt!r}, 0.5, 4)]
         run_certification(s, data, {str(out)!r}, CertifyOptions(**{OPTS!r}), quiet=True)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=str(Path(__file__).parents[1]))
     rec = out / "records.jsonl"
-    deadline = time.time() + 60
+    # the run stops itself once it has written 8 records (`conftest.pausing_env`) and is killed there
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=str(Path(__file__).parents[1]),
+                            env=pausing_env(dict(os.environ), rec, 8))
     try:
-        while time.time() < deadline and proc.poll() is None:
-            if rec.is_file() and sum(1 for _ in open(rec)) >= 8:
-                break
-            time.sleep(0.02)
+        assert wait_for_pause(proc, rec) == proc.pid
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     n_killed = sum(1 for _ in open(rec))
-    assert 0 < n_killed < 2 * len(data), "the run was not interrupted midway"
+    assert 8 <= n_killed < 2 * len(data), "the run was not interrupted midway"
     doc = run_certification(_settings(ckpt), data, out, CertifyOptions(**OPTS), quiet=True)
     for name in ("sigma0.25", "sigma0.5"):
         assert _rows(out, name) == _rows(ref_out, name)
