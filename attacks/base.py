@@ -119,6 +119,12 @@ class AttackConfig:
         return out
 
 
+def _outside_unit(x: torch.Tensor) -> bool:
+    """Some value of ``x`` below 0 or above 1 (one pass over ``x``; NaN passes, as with min/max)."""
+    lo, hi = torch.aminmax(x)
+    return float(lo) < 0 or float(hi) > 1
+
+
 @dataclass
 class AttackResult:
     """What an attack found for each example of the batch.
@@ -149,20 +155,30 @@ class AttackResult:
 @contextlib.contextmanager
 def attack_mode(model: nn.Module, eval_mode: bool = True) -> Iterator[None]:
     """Put ``model`` in eval mode with frozen parameters; restore every module's mode and every
-    parameter's ``requires_grad`` on exit (also on error)."""
+    parameter's ``requires_grad`` on exit (also on error).
+
+    Only what differs is written (on a small model the bookkeeping is a visible share of an
+    attack's time): ``model.eval()`` runs when some module is training or overrides ``train``,
+    and on exit a flag is set back only where it is not already what it was."""
     modes = [(m, m.training) for m in model.modules()]
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
-        if eval_mode:
+        if eval_mode and any(t or type(m).train is not _MODULE_TRAIN for m, t in modes):
             model.eval()
-        for p, _ in flags:
-            p.requires_grad_(False)
+        for p, r in flags:
+            if r:
+                p.requires_grad_(False)
         yield
     finally:
         for m, t in modes:
-            m.training = t
+            if m.training != t:
+                m.training = t
         for p, r in flags:
-            p.requires_grad_(r)
+            if p.requires_grad != r:
+                p.requires_grad_(r)
+
+
+_MODULE_TRAIN = nn.Module.train
 
 
 def select_targets(logits: torch.Tensor, y: torch.Tensor, how: str, generator: torch.Generator) -> torch.Tensor:
@@ -244,7 +260,7 @@ class Attack(abc.ABC):
             raise AttackError("attack inputs x must be a floating-point tensor (N, ...) with values in [0, 1]")
         if y.shape != x.shape[:1]:
             raise AttackError(f"labels y must have shape ({x.shape[0]},), got {tuple(y.shape)}")
-        if x.numel() and (float(x.min()) < 0 or float(x.max()) > 1):
+        if x.numel() and _outside_unit(x.detach()):
             raise AttackError("attack inputs must lie in [0, 1]; keep normalization inside the model")
         if y_target is not None and not self.config.targeted:
             raise AttackError(f"attack {self.name!r} got y_target but is not targeted; create it with targeted=True")

@@ -27,6 +27,7 @@ checkpoint and its best loss has not improved since.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -154,19 +155,28 @@ def evaluate_objective(objective: Objective, model: nn.Module, x: torch.Tensor, 
 
 def _evaluate_once(objective: Objective, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                    loss_target: torch.Tensor | None, goal_target: torch.Tensor | None, need_grad: bool,
-                   margin: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                   margin: float, ones: torch.Tensor | None = None,
+                   lazy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """`evaluate_objective` for one draw, with as few tensor operations as possible (on a cheap
     model the attack's own bookkeeping is a visible share of the time): the gradient of the summed
-    loss is taken as the vector-Jacobian product with ones (the same numbers)."""
+    loss is taken as the vector-Jacobian product with ones (the same numbers; ``ones`` reuses a
+    tensor of ones of the loss's shape and dtype). ``lazy``: success is None when no example
+    succeeded (checked with one comparison where the success is the plain misprediction)."""
     g = None
     if need_grad:
         x = x.detach().requires_grad_(True)
-        with torch.enable_grad():
+        with contextlib.nullcontext() if torch.is_grad_enabled() else torch.enable_grad():
             out = objective(model, x, y, loss_target)
-            (g,) = torch.autograd.grad(out.loss, x, torch.ones_like(out.loss))
+            loss = out.loss
+            if ones is None or ones.shape != loss.shape or ones.dtype != loss.dtype or ones.device != loss.device:
+                ones = torch.ones_like(loss)
+            (g,) = torch.autograd.grad(loss, x, ones)
     else:
         with torch.no_grad():
             out = objective(model, x, y, loss_target)
+    if lazy and margin <= 0 and goal_target is None and out.valid is None and y.dtype == torch.long:
+        pred = out.logits.argmax(dim=1)  # an index: no autograd graph
+        return out.loss.detach(), None if torch.equal(pred, y) else pred != y, g
     with torch.no_grad():
         if margin > 0:
             s = _goal_margin(out.logits, y, goal_target) >= margin
@@ -182,12 +192,10 @@ class _Outcome:
     """Per-example bookkeeping shared by the engines (global batch positions)."""
 
     def __init__(self, x: torch.Tensor, loss0: torch.Tensor, success0: torch.Tensor):
-        n = x.shape[0]
         self.x_adv = x.clone()
         self.best = loss0.clone()
         self.success = success0.clone()
-        self.step = torch.full((n,), -1, dtype=torch.long, device=x.device)
-        self.step[success0] = 0
+        self.step = torch.where(success0, 0, -1)  # long: 0 where broken at the start, else -1
 
     def hit(self, idx: torch.Tensor, mask: torch.Tensor, x_cur: torch.Tensor, step: int) -> None:
         pos = idx[mask]
@@ -195,18 +203,167 @@ class _Outcome:
         self.success[pos] = True
         self.step[pos] = step
 
+    def hit_rows(self, idx: torch.Tensor, rows: torch.Tensor, x_cur: torch.Tensor, step: int) -> None:
+        """`hit` with the broken rows given as indices (one gather per tensor, no mask scans)."""
+        pos = idx.index_select(0, rows)
+        self.x_adv.index_copy_(0, pos, x_cur.index_select(0, rows))
+        self.success.index_fill_(0, pos, True)
+        self.step.index_fill_(0, pos, step)
+
     def keep_best(self, idx: torch.Tensor, loss: torch.Tensor, x_best: torch.Tensor) -> None:
         if idx.numel() == 0:
+            return
+        if idx.numel() == self.best.shape[0]:  # idx is every position in order: no gather or scatter
+            better = loss > self.best
+            self.best = torch.where(better, loss, self.best)
+            self.x_adv = torch.where(better.view(_bshape(x_best)), x_best, self.x_adv)
             return
         better = loss > self.best[idx]
         self.best[idx] = torch.where(better, loss, self.best[idx])
         self.x_adv[idx] = torch.where(better.view(_bshape(x_best)), x_best, self.x_adv[idx])
+
+    def put_best(self, idx: torch.Tensor, loss: torch.Tensor, x_best: torch.Tensor) -> None:
+        """Store a best point that already accounts for the stored one (``loss`` >= ``best[idx]`` or
+        equal to it bit for bit): `keep_best` without its comparison."""
+        if idx.numel() == self.best.shape[0]:
+            self.best, self.x_adv = loss, x_best
+        elif idx.numel():
+            self.best.index_copy_(0, idx, loss)
+            self.x_adv.index_copy_(0, idx, x_best)
 
     def remaining(self) -> torch.Tensor:
         return (~self.success).nonzero().flatten()
 
     def result(self) -> AttackResult:
         return AttackResult(self.x_adv, self.success, self.step)
+
+
+_NO_CONTEXT = contextlib.nullcontext()
+
+# bytes of iterates PGD keeps before folding them into its best point (see `_BestPoint`)
+SEGMENT_BYTES = 32 * 2 ** 20
+
+
+class _Scratch:
+    """Reusable CPU scratch storage for `_BestPoint`: a fresh multi-megabyte allocation is mapped
+    anew by the C allocator on every call and each of its pages faults on first write (~450 faults,
+    ~1 ms per call on the benchmark's MLP); GPU memory already comes from PyTorch's caching
+    allocator. One buffer per dtype is kept, taken out while in use (re-entrant, thread-safe), the last
+    one handed back kept."""
+
+    _free: dict[torch.dtype, torch.Tensor] = {}  # dict pop and set are atomic: no lock needed
+
+    @classmethod
+    def take(cls, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        if device.type == "cpu":
+            t = cls._free.pop(dtype, None)
+            if t is not None and t.numel() >= numel:
+                return t
+        return torch.empty(numel, dtype=dtype, device=device)
+
+    @classmethod
+    def give(cls, t: torch.Tensor) -> None:
+        if t.device.type == "cpu":
+            cls._free[t.dtype] = t
+
+
+def _first_max(losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``losses`` (b, m): (value, index) of what ``best = where(l_j > best, l_j, best)``
+    keeps over j = 0..m-1 in order: the first maximum of the non-NaN entries, entry 0 when it is
+    NaN (nothing compares greater than NaN)."""
+    best, j = losses.max(1)  # the first maximum; NaN propagates (its first index)
+    if math.isnan(float(best.sum())):  # some NaN (or +inf and -inf): redo with NaN entries after the first never taken
+        nan = losses.isnan()
+        j = losses.masked_fill(nan, float("-inf")).argmax(1).masked_fill(nan[:, 0], 0)
+        best = losses.gather(1, j.unsqueeze(1)).squeeze(1)
+    return best, j
+
+
+class _BestPoint:
+    """PGD's strongest point per active example (the highest loss seen, its first iterate).
+
+    The iterates of a segment of steps are kept in one buffer (the linf step writes there directly,
+    so keeping them costs nothing per step) and their losses in a list; `fold` reduces the segment
+    to exactly what ``best = where(loss > best, loss, best)`` (and the same for the point) gives
+    applied step by step (`_first_max`). When examples break, `keep` compacts the segment (one
+    gather into the other half of the buffer) instead of folding it; a full buffer
+    (``SEGMENT_BYTES``) is folded and restarted. `release` hands the buffer back."""
+
+    def __init__(self, loss: torch.Tensor, x: torch.Tensor, steps: int, rows: torch.Tensor | None = None):
+        """Start from ``loss`` (B,) and points ``x`` (B, ...), restricted to ``rows`` when given."""
+        shape = tuple(x.shape) if rows is None else (rows.shape[0],) + tuple(x.shape[1:])
+        numel = x[0].numel() * shape[0]
+        self.cap = max(2, min(steps + 2, SEGMENT_BYTES // (2 * max(1, numel * x.element_size()))))
+        self.half = self.cap * numel
+        self.store = _Scratch.take(2 * self.half, x.dtype, x.device)
+        self.side = 0
+        self._layout(shape)
+        if rows is None:
+            self.points[0].copy_(x)
+        else:
+            torch.index_select(x, 0, rows, out=self.points[0])
+            loss = loss.index_select(0, rows)
+        self.prefix: torch.Tensor | None = None  # (b, p): the losses of entries 0..p-1
+        self.losses = [loss]  # the losses of entries p..m-1
+        self.rows: torch.Tensor | None = None  # arange(b), made on first use
+        self.m = 1
+        self.free: torch.Tensor | None = None  # the slot handed out by `slot`
+
+    def _layout(self, shape: tuple[int, ...]) -> None:
+        n = 1
+        for d in shape:
+            n *= d
+        base = self.store[self.side * self.half:self.side * self.half + self.cap * n]
+        self.points = base.view((self.cap,) + shape)
+
+    def slot(self) -> torch.Tensor:
+        """Where the next iterate may be written (then `add` keeps it without a copy)."""
+        if self.m == self.cap:
+            self._restart()
+        self.free = self.points.select(0, self.m)
+        return self.free
+
+    def add(self, loss: torch.Tensor, x: torch.Tensor) -> None:
+        if x is not self.free:
+            if self.m == self.cap:
+                self._restart()
+            self.points.select(0, self.m).copy_(x)
+        self.free = None
+        self.losses.append(loss)
+        self.m += 1
+
+    def _matrix(self) -> torch.Tensor:
+        if not self.losses:
+            return self.prefix
+        cols = torch.stack(self.losses, dim=1)
+        return cols if self.prefix is None else torch.cat([self.prefix, cols], dim=1)
+
+    def fold(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(best loss, best point) so far, the point a tensor of its own."""
+        best, j = _first_max(self._matrix())
+        b = j.shape[0]
+        if self.rows is None or self.rows.shape[0] != b:
+            self.rows = torch.arange(b, device=j.device)
+        flat = self.points.view((-1,) + tuple(self.points.shape[2:]))  # entry j of row i: row j * b + i
+        return best, flat.index_select(0, torch.add(self.rows, j, alpha=b))
+
+    def _restart(self) -> None:
+        best, point = self.fold()
+        self.points[0].copy_(point)
+        self.prefix, self.losses, self.m, self.free = None, [best], 1, None
+
+    def keep(self, rows: torch.Tensor) -> torch.Tensor:
+        """Keep only the active examples ``rows``; returns the compacted current iterate (the last entry)."""
+        losses = self._matrix().index_select(0, rows)
+        old = self.points.narrow(0, 0, self.m)
+        self.side = 1 - self.side
+        self._layout((rows.shape[0],) + tuple(old.shape[2:]))
+        torch.index_select(old, 1, rows, out=self.points.narrow(0, 0, self.m))
+        self.prefix, self.losses, self.free = losses, [], None
+        return self.points.select(0, self.m - 1)
+
+    def release(self) -> None:
+        _Scratch.give(self.store)
 
 
 class NativeAttack(Attack):
@@ -287,46 +444,63 @@ def pgd_engine(model: nn.Module, x: torch.Tensor, y: torch.Tensor, objective: Ob
         idx = out.remaining()
         if idx.numel() == 0:
             break
-        x0, yy = x[idx], y[idx]
-        lt, gt = _sub(loss_target, idx), _sub(goal_target, idx)
+        whole = idx.numel() == x.shape[0]  # nothing broken yet: idx is every position, no gathers
+        x0, yy = (x, y) if whole else (x.index_select(0, idx), y.index_select(0, idx))
+        lt, gt = (loss_target, goal_target) if whole else (_sub(loss_target, idx), _sub(goal_target, idx))
         ee, st = _per_example(eps, idx), _per_example(step_size, idx)
         if ee is not None:
             xc = _ball_start(threat, x0, ee, generator) if random_start else x0.clone()
         else:
             xc = threat.random_start(x0, generator) if random_start else x0.clone()
-        best, xb = out.best[idx], out.x_adv[idx]
+        tracker = _BestPoint(out.best, out.x_adv, steps, None if whole else idx)
+        ones = torch.ones_like(out.best[:idx.numel()])  # the vector-Jacobian product's ones, reused each step
         buf = torch.zeros_like(x0) if momentum is not None else None
         base = step_offset + r * steps
         shape = _bshape(x0)
         stp = st.view(shape) if torch.is_tensor(st) else st
+        # the update needs no autograd context unless an input to it records a graph
+        track = torch.is_grad_enabled() and any(torch.is_tensor(t) and t.requires_grad for t in (x0, xc, ee, st))
+        fused = threat.norm == "linf" and ee is None and not torch.is_tensor(stp) and buf is None and \
+            x0.dtype in (torch.float32, torch.float64)
         for k in range(steps + 1):
             need = k < steps
-            loss, succ, g = evaluate_objective(objective, model, xc, yy, lt, gt, eot, need, margin)
-            better = loss > best
-            best = torch.where(better, loss, best)
-            xb = torch.where(better.view(shape), xc, xb)
-            if succ.any():
-                out.hit(idx, succ, xc, base + k)
-                keep = ~succ
-                idx, xc, x0, yy, best, xb = idx[keep], xc[keep], x0[keep], yy[keep], best[keep], xb[keep]
-                lt, gt, ee, buf = _sub(lt, keep), _sub(gt, keep), _sub(ee, keep), _sub(buf, keep)
+            if eot == 1:
+                loss, succ, g = _evaluate_once(objective, model, xc, yy, lt, gt, need, margin, ones, lazy=True)
+            else:
+                loss, succ, g = evaluate_objective(objective, model, xc, yy, lt, gt, eot, need, margin)
+            tracker.add(loss, xc)
+            if succ is not None and succ.any():
+                out.hit_rows(idx, succ.nonzero().flatten(), xc, base + k)
+                rows = (~succ).nonzero().flatten()  # one index for every compaction (no repeated masks)
+                xc = tracker.keep(rows)
+                idx, yy, x0 = idx.index_select(0, rows), yy.index_select(0, rows), x0.index_select(0, rows)
+                lt, gt, ee, buf = _sub(lt, rows), _sub(gt, rows), _sub(ee, rows), _sub(buf, rows)
                 if torch.is_tensor(st):
-                    st = st[keep]
+                    st = st[rows]
                     stp = st.view(shape)
                 if g is not None:
-                    g = g[keep]
+                    g = g.index_select(0, rows)
+                ones = ones[:idx.numel()]
                 if idx.numel() == 0:
                     break
             if not need:
                 break
-            with torch.no_grad():  # x may require grad when a caller passes it straight in
+            with torch.no_grad() if track else _NO_CONTEXT:  # x may require grad when a caller passes it straight in
+                if fused:
+                    # threat.project's operations, the last one writing into the tracker's buffer;
+                    # add(alpha=) is exact here: stp * sign(g) is exact in the input's dtype
+                    delta = torch.add(xc, g.sign(), alpha=stp).sub_(x0).clamp_(-threat.eps, threat.eps)
+                    xc = torch.clamp(delta.add_(x0), 0.0, 1.0, out=tracker.slot())
+                    continue
                 if buf is not None:
                     scale = g.abs().flatten(1).mean(1) if threat.norm == "linf" else g.flatten(1).norm(dim=1)
                     buf = momentum * buf + g / scale.clamp_min(1e-12).view(shape)
                     g = buf
                 xn = xc + stp * _direction(threat, g, xc)
                 xc = threat.project(x0, xn) if ee is None else _ball_project(threat, x0, xn, ee)
-        out.keep_best(idx, best, xb)
+        if idx.numel():
+            out.put_best(idx, *tracker.fold())
+        tracker.release()
     return out
 
 
