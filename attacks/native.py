@@ -191,10 +191,11 @@ def _evaluate_once(objective: Objective, model: nn.Module, x: torch.Tensor, y: t
 class _Outcome:
     """Per-example bookkeeping shared by the engines (global batch positions)."""
 
-    def __init__(self, x: torch.Tensor, loss0: torch.Tensor, success0: torch.Tensor):
+    def __init__(self, x: torch.Tensor, loss0: torch.Tensor, success0: torch.Tensor, own: bool = False):
+        """``own``: ``loss0`` and ``success0`` are fresh tensors nobody else holds (no copies made)."""
         self.x_adv = x.clone()
-        self.best = loss0.clone()
-        self.success = success0.clone()
+        self.best = loss0 if own else loss0.clone()
+        self.success = success0 if own else success0.clone()
         self.step = torch.where(success0, 0, -1)  # long: 0 where broken at the start, else -1
 
     def hit(self, idx: torch.Tensor, mask: torch.Tensor, x_cur: torch.Tensor, step: int) -> None:
@@ -380,7 +381,8 @@ class NativeAttack(Attack):
             with torch.no_grad():
                 pred = model(x).argmax(1)
             succ = succ | (pred != y)
-        return _Outcome(x, loss, succ)
+        # the built-in loss objectives return fresh tensors; a custom one might hand out its own
+        return _Outcome(x, loss, succ, own=self.config.objective is None)
 
     def _finish(self, model, x, y, goal, out: _Outcome) -> AttackResult:
         """The result; with a margin, success is re-read from the prediction (an example that
@@ -400,6 +402,15 @@ class NativeAttack(Attack):
 def _per_example(v: float | torch.Tensor | None, idx: torch.Tensor) -> float | torch.Tensor | None:
     """A scalar as is; a (B,) tensor of per-example values restricted to ``idx``, shaped (b, 1, ...)."""
     return v if v is None or not torch.is_tensor(v) else v[idx]
+
+
+def _random_start(threat: ThreatModel, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """``threat.random_start(x, generator)``; for linf the same operations done in place (the same
+    numbers, fewer allocations)."""
+    if threat.norm != "linf":
+        return threat.random_start(x, generator)
+    u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return u.mul_(2).sub_(1).mul_(threat.eps).add_(x).clamp_(0.0, 1.0)
 
 
 def _ball_start(threat: ThreatModel, x: torch.Tensor, eps: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -451,7 +462,7 @@ def pgd_engine(model: nn.Module, x: torch.Tensor, y: torch.Tensor, objective: Ob
         if ee is not None:
             xc = _ball_start(threat, x0, ee, generator) if random_start else x0.clone()
         else:
-            xc = threat.random_start(x0, generator) if random_start else x0.clone()
+            xc = _random_start(threat, x0, generator) if random_start else x0.clone()
         tracker = _BestPoint(out.best, out.x_adv, steps, None if whole else idx)
         ones = torch.ones_like(out.best[:idx.numel()])  # the vector-Jacobian product's ones, reused each step
         buf = torch.zeros_like(x0) if momentum is not None else None

@@ -51,10 +51,16 @@ def forked_rng(device: torch.device, generator: torch.Generator) -> Iterator[Non
     """Run a block with the global RNG of the CPU (and of ``device`` when CUDA) seeded from
     ``generator``; the caller's global RNG state is restored afterwards."""
     seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=generator.device))
-    cuda = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda, device_type="cuda"):
+    if device.type != "cuda":  # what fork_rng does for the CPU alone, without its device lookups
+        state = torch.get_rng_state()
+        try:
+            torch.default_generator.manual_seed(seed)
+            yield
+        finally:
+            torch.set_rng_state(state)
+        return
+    with torch.random.fork_rng(devices=[device], device_type="cuda"):
         torch.default_generator.manual_seed(seed)
-        if cuda:
-            with torch.cuda.device(device):
-                torch.cuda.manual_seed(seed)
+        with torch.cuda.device(device):
+            torch.cuda.manual_seed(seed)
         yield

@@ -299,3 +299,19 @@ def test_clean_misclassified_examples_are_excluded_as_before():
     res = create_attack("pgd", "linf:0.02", steps=4).run(model, x, y)
     assert torch.equal(res.step[wrong], torch.zeros(int(wrong.sum()), dtype=torch.long))
     assert torch.equal(res.x_adv[wrong], x[wrong])
+
+
+def test_forked_rng_on_cpu_is_fork_rng():
+    from bastion.rng import forked_rng
+
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    g1, g2 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    with forked_rng(torch.device("cpu"), g1):
+        inside = torch.rand(5)
+    assert torch.equal(torch.get_rng_state(), before)
+    seed = int(torch.randint(0, 2 ** 62, (1,), generator=g2))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        assert torch.equal(torch.rand(5), inside)
+    assert torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2))  # one draw taken from each
