@@ -165,7 +165,7 @@ def _evaluate_once(objective: Objective, model: nn.Module, x: torch.Tensor, y: t
     g = None
     if need_grad:
         x = x.detach().requires_grad_(True)
-        with contextlib.nullcontext() if torch.is_grad_enabled() else torch.enable_grad():
+        with _NO_CONTEXT if torch.is_grad_enabled() else torch.enable_grad():
             out = objective(model, x, y, loss_target)
             loss = out.loss
             if ones is None or ones.shape != loss.shape or ones.dtype != loss.dtype or ones.device != loss.device:
@@ -253,6 +253,7 @@ class _Scratch:
     one handed back kept."""
 
     _free: dict[torch.dtype, torch.Tensor] = {}  # dict pop and set are atomic: no lock needed
+    _ranges: dict[None, torch.Tensor] = {}
 
     @classmethod
     def take(cls, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -261,6 +262,17 @@ class _Scratch:
             if t is not None and t.numel() >= numel:
                 return t
         return torch.empty(numel, dtype=dtype, device=device)
+
+    @classmethod
+    def arange(cls, n: int, device: torch.device) -> torch.Tensor:
+        """``torch.arange(n)`` (long) on ``device``, a slice of one kept, never written, for the CPU."""
+        if device.type != "cpu":
+            return torch.arange(n, device=device)
+        t = cls._ranges.get(None)
+        if t is None or t.numel() < n:
+            t = torch.arange(max(n, 1024))
+            cls._ranges[None] = t
+        return t[:n]
 
     @classmethod
     def give(cls, t: torch.Tensor) -> None:
@@ -334,17 +346,19 @@ class _BestPoint:
         self.m += 1
 
     def _matrix(self) -> torch.Tensor:
+        """The losses of the segment's entries, (b, m)."""
         if not self.losses:
             return self.prefix
-        cols = torch.stack(self.losses, dim=1)
-        return cols if self.prefix is None else torch.cat([self.prefix, cols], dim=1)
+        if self.prefix is None:
+            return torch.stack(self.losses, dim=1)
+        return torch.cat([self.prefix] + [loss.unsqueeze(1) for loss in self.losses], dim=1)
 
     def fold(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(best loss, best point) so far, the point a tensor of its own."""
         best, j = _first_max(self._matrix())
         b = j.shape[0]
         if self.rows is None or self.rows.shape[0] != b:
-            self.rows = torch.arange(b, device=j.device)
+            self.rows = _Scratch.arange(b, j.device)
         flat = self.points.view((-1,) + tuple(self.points.shape[2:]))  # entry j of row i: row j * b + i
         return best, flat.index_select(0, torch.add(self.rows, j, alpha=b))
 
