@@ -298,26 +298,23 @@ class _BestPoint:
     The iterates of a segment of steps are kept in one buffer (the linf step writes there directly,
     so keeping them costs nothing per step) and their losses in a list; `fold` reduces the segment
     to exactly what ``best = where(loss > best, loss, best)`` (and the same for the point) gives
-    applied step by step (`_first_max`). When examples break, `keep` compacts the segment (one
-    gather into the other half of the buffer) instead of folding it; a full buffer
-    (``SEGMENT_BYTES``) is folded and restarted. `release` hands the buffer back."""
+    applied step by step (`_first_max`). A segment ends when examples break (`keep` folds it for
+    the examples that stay), when the buffer (``SEGMENT_BYTES``) is full, and at the end.
+    `release` hands the buffer back."""
 
     def __init__(self, loss: torch.Tensor, x: torch.Tensor, steps: int, rows: torch.Tensor | None = None):
         """Start from ``loss`` (B,) and points ``x`` (B, ...), restricted to ``rows`` when given."""
         shape = tuple(x.shape) if rows is None else (rows.shape[0],) + tuple(x.shape[1:])
         numel = x[0].numel() * shape[0]
-        self.cap = max(2, min(steps + 2, SEGMENT_BYTES // (2 * max(1, numel * x.element_size()))))
-        self.half = self.cap * numel
-        self.store = _Scratch.take(2 * self.half, x.dtype, x.device)
-        self.side = 0
+        self.cap = max(2, min(steps + 2, SEGMENT_BYTES // max(1, numel * x.element_size())))
+        self.store = _Scratch.take(self.cap * numel, x.dtype, x.device)
         self._layout(shape)
         if rows is None:
             self.points[0].copy_(x)
         else:
             torch.index_select(x, 0, rows, out=self.points[0])
             loss = loss.index_select(0, rows)
-        self.prefix: torch.Tensor | None = None  # (b, p): the losses of entries 0..p-1
-        self.losses = [loss]  # the losses of entries p..m-1
+        self.losses = [loss]  # the losses of the segment's entries
         self.rows: torch.Tensor | None = None  # arange(b), made on first use
         self.m = 1
         self.free: torch.Tensor | None = None  # the slot handed out by `slot`
@@ -326,8 +323,7 @@ class _BestPoint:
         n = 1
         for d in shape:
             n *= d
-        base = self.store[self.side * self.half:self.side * self.half + self.cap * n]
-        self.points = base.view((self.cap,) + shape)
+        self.points = self.store[:self.cap * n].view((self.cap,) + shape)
 
     def slot(self) -> torch.Tensor:
         """Where the next iterate may be written (then `add` keeps it without a copy)."""
@@ -345,17 +341,9 @@ class _BestPoint:
         self.losses.append(loss)
         self.m += 1
 
-    def _matrix(self) -> torch.Tensor:
-        """The losses of the segment's entries, (b, m)."""
-        if not self.losses:
-            return self.prefix
-        if self.prefix is None:
-            return torch.stack(self.losses, dim=1)
-        return torch.cat([self.prefix] + [loss.unsqueeze(1) for loss in self.losses], dim=1)
-
     def fold(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(best loss, best point) so far, the point a tensor of its own."""
-        best, j = _first_max(self._matrix())
+        best, j = _first_max(torch.stack(self.losses, dim=1))
         b = j.shape[0]
         if self.rows is None or self.rows.shape[0] != b:
             self.rows = _Scratch.arange(b, j.device)
@@ -365,17 +353,20 @@ class _BestPoint:
     def _restart(self) -> None:
         best, point = self.fold()
         self.points[0].copy_(point)
-        self.prefix, self.losses, self.m, self.free = None, [best], 1, None
+        self.losses, self.m, self.free = [best], 1, None
 
     def keep(self, rows: torch.Tensor) -> torch.Tensor:
-        """Keep only the active examples ``rows``; returns the compacted current iterate (the last entry)."""
-        losses = self._matrix().index_select(0, rows)
-        old = self.points.narrow(0, 0, self.m)
-        self.side = 1 - self.side
-        self._layout((rows.shape[0],) + tuple(old.shape[2:]))
-        torch.index_select(old, 1, rows, out=self.points.narrow(0, 0, self.m))
-        self.prefix, self.losses, self.free = losses, [], None
-        return self.points.select(0, self.m - 1)
+        """Keep only the active examples ``rows``: fold for them and restart the segment from that;
+        returns their current iterate (the last entry), a tensor of its own."""
+        best, j = _first_max(torch.stack(self.losses, dim=1).index_select(0, rows))
+        b = self.points.shape[1]
+        flat = self.points.view((-1,) + tuple(self.points.shape[2:]))  # entry j of row i: row j * b + i
+        point = flat.index_select(0, torch.add(rows, j, alpha=b))
+        current = self.points.select(0, self.m - 1).index_select(0, rows)
+        self._layout((rows.shape[0],) + tuple(self.points.shape[2:]))
+        self.points[0].copy_(point)
+        self.losses, self.m, self.free = [best], 1, None
+        return current
 
     def release(self) -> None:
         _Scratch.give(self.store)
