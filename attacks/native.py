@@ -249,11 +249,11 @@ class _Scratch:
     """Reusable CPU scratch storage for `_BestPoint`: a fresh multi-megabyte allocation is mapped
     anew by the C allocator on every call and each of its pages faults on first write (~450 faults,
     ~1 ms per call on the benchmark's MLP); GPU memory already comes from PyTorch's caching
-    allocator. One buffer per dtype is kept, taken out while in use (re-entrant, thread-safe), the last
-    one handed back kept."""
+    allocator. One buffer per dtype (of at most ``SEGMENT_BYTES``) is kept, taken out while in use
+    (re-entrant, thread-safe)."""
 
     _free: dict[torch.dtype, torch.Tensor] = {}  # dict pop and set are atomic: no lock needed
-    _ranges: dict[None, torch.Tensor] = {}
+    _range: torch.Tensor | None = None
 
     @classmethod
     def take(cls, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -268,15 +268,14 @@ class _Scratch:
         """``torch.arange(n)`` (long) on ``device``, a slice of one kept, never written, for the CPU."""
         if device.type != "cpu":
             return torch.arange(n, device=device)
-        t = cls._ranges.get(None)
+        t = cls._range
         if t is None or t.numel() < n:
-            t = torch.arange(max(n, 1024))
-            cls._ranges[None] = t
+            t = cls._range = torch.arange(max(n, 1024))
         return t[:n]
 
     @classmethod
     def give(cls, t: torch.Tensor) -> None:
-        if t.device.type == "cpu":
+        if t.device.type == "cpu" and t.numel() * t.element_size() <= SEGMENT_BYTES:  # large ones are not kept
             cls._free[t.dtype] = t
 
 
