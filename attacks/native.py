@@ -301,6 +301,7 @@ class _BestPoint:
     the examples that stay), when the buffer (``SEGMENT_BYTES``) is full, and at the end.
     `release` hands the buffer back."""
 
+    @torch.no_grad()  # the buffer never enters autograd (x may require grad when a caller passes it in)
     def __init__(self, loss: torch.Tensor, x: torch.Tensor, steps: int, rows: torch.Tensor | None = None):
         """Start from ``loss`` (B,) and points ``x`` (B, ...), restricted to ``rows`` when given."""
         shape = tuple(x.shape) if rows is None else (rows.shape[0],) + tuple(x.shape[1:])
@@ -333,9 +334,10 @@ class _BestPoint:
 
     def add(self, loss: torch.Tensor, x: torch.Tensor) -> None:
         if x is not self.free:
-            if self.m == self.cap:
-                self._restart()
-            self.points.select(0, self.m).copy_(x)
+            with torch.no_grad():
+                if self.m == self.cap:
+                    self._restart()
+                self.points.select(0, self.m).copy_(x)
         self.free = None
         self.losses.append(loss)
         self.m += 1
@@ -349,11 +351,13 @@ class _BestPoint:
         flat = self.points.view((-1,) + tuple(self.points.shape[2:]))  # entry j of row i: row j * b + i
         return best, flat.index_select(0, torch.add(self.rows, j, alpha=b))
 
+    @torch.no_grad()
     def _restart(self) -> None:
         best, point = self.fold()
         self.points[0].copy_(point)
         self.losses, self.m, self.free = [best], 1, None
 
+    @torch.no_grad()
     def keep(self, rows: torch.Tensor) -> torch.Tensor:
         """Keep only the active examples ``rows``: fold for them and restart the segment from that;
         returns their current iterate (the last entry), a tensor of its own."""

@@ -315,3 +315,12 @@ def test_forked_rng_on_cpu_is_fork_rng():
         torch.manual_seed(seed)
         assert torch.equal(torch.rand(5), inside)
     assert torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2))  # one draw taken from each
+
+
+def test_inputs_that_require_grad():
+    model, (x, y) = _model(), _data()
+    x = x.clone().requires_grad_(True)  # training code may pass its batch straight in
+    t = ThreatModel.parse("linf:0.08")
+    fast, ref = _both(model, x, y, LossObjective("ce"), t, 6, 0.02)
+    for name in ("x_adv", "success", "step", "best"):
+        assert torch.equal(getattr(fast, name).detach(), getattr(ref, name).detach()), name
