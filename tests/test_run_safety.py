@@ -30,19 +30,15 @@ def ckpt(tmp_path_factory) -> str:
     return str(path) + ".safetensors"
 
 
-def _bastion(*args: str) -> subprocess.Popen:
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "experiments", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def test_two_writers_in_one_run_directory(ckpt, tmp_path, capsys):
+    """The writers are `bastion certify` runs in this process (``python -m experiments`` is ``sys.exit(main())``)
+    and, holding the lock, another process."""
+    from experiments.cli import main
 
-
-def test_two_writers_in_one_run_directory(ckpt, tmp_path):
     out = tmp_path / "run"
     argv = ["certify", "--quiet", "--model", ckpt, "--sigma", "0.25", "--n0", "50", "--n", "2000", "--batch", "500",
             "--dataset", "synthetic", "--max", "24", "--out", str(out), "--threads", "1"]
-    from experiments.cli import main
-
-    assert main(argv) == 0   # the first writer, in this process (a subprocess start-up less)
+    assert main(argv) == 0
     # another writer holds the run directory (a second `bastion certify`, or anything using RunDir.lock)
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from bastion.records import RunDir\n"
                                f"with RunDir({str(out)!r}).lock():\n print('held', flush=True); time.sleep(120)"],
@@ -50,16 +46,16 @@ def test_two_writers_in_one_run_directory(ckpt, tmp_path):
     try:
         assert holder.stdout.readline().strip() == "held"
         before = (out / "records.jsonl").read_bytes()
-        second = _bastion(*argv[:-3], str(out) + "/../run", "--threads", "1")   # same run, spelled differently
-        _, err = second.communicate(timeout=120)
-        assert second.returncode == 2, err
+        capsys.readouterr()
+        code = main([*argv[:-3], str(out) + "/../run", "--threads", "1"])   # same run, spelled differently
+        err = capsys.readouterr().err
+        assert code == 2, err
         assert err.count("\n") == 1 and f"in use by pid {holder.pid}" in err and "Traceback" not in err
         assert (out / "records.jsonl").read_bytes() == before            # nothing written, nothing lost
     finally:
         holder.kill()
         holder.wait()
-    again = _bastion(*argv)                                              # the holder is gone: a rerun is a no-op
-    assert again.wait(timeout=120) == 0
+    assert main(argv) == 0                                               # the holder is gone: a rerun is a no-op
     rows = read_log(out / "certify-sigma0.25.tsv")
     assert sorted(r["idx"] for r in rows) == list(range(24))             # every row once
 
