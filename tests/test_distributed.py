@@ -150,13 +150,17 @@ def pgd_two_ranks(tmp_path_factory):
 @pytest.mark.parametrize("name", ["pgd", "rs_aaer"])
 def test_two_gloo_processes_match_one_process_with_the_global_batch(tmp_path, name, request):
     """Per-rank batch B x 2 ranks == batch 2B in one process (the last batch is a partial one)."""
+    from experiments.cli import main
+
     if name == "pgd":
-        one = Run(1, [*PGD, "--batch-size", "32"], tmp_path / "one")
         two = request.getfixturevalue("pgd_two_ranks")
+        one = [*PGD, "--batch-size", "32"]
     else:
-        one = Run(1, [*AAER, "--batch-size", "64"], tmp_path / "one")
         two = Run(2, [*AAER, "--batch-size", "32"], tmp_path / "two")
-    one_dir, two_dir = one.done(), two.done()
+        one = [*AAER, "--batch-size", "64"]
+    one_dir = tmp_path / "one"
+    assert main(["train", *one, "--out", str(one_dir)]) == 0   # one process: this one, while torchrun runs
+    two_dir = two.done()
     _assert_same_weights(one_dir, two_dir)
     logs = [[json.loads(line) for line in (d / "train_log.jsonl").read_text().splitlines()] for d in (one_dir, two_dir)]
     assert len(logs[0]) == len(logs[1]) > 1
