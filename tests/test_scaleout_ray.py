@@ -65,6 +65,15 @@ def bastion(*args: str, cwd: Path, env: dict[str, str] | None = None) -> None:
     finish(start(*args, cwd=cwd, env=env))
 
 
+def here(*args: str, cwd: Path) -> None:
+    """``bastion *args --threads 1`` in this process (paths made absolute: it does not run in ``cwd``)."""
+    from experiments.cli import main
+
+    argv = _abs(args, cwd)
+    argv[argv.index("--out") + 1] = str(cwd / argv[argv.index("--out") + 1])
+    assert main([*argv, "--threads", "1"]) == 0
+
+
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("ray_cli")
@@ -125,10 +134,10 @@ EVALUATE = ["evaluate", "--quiet", "--model", "std/model.safetensors", "--datase
 @pytest.mark.parametrize("argv", [CERTIFY, EVALUATE], ids=["certify", "evaluate"])
 def test_ray_cluster_started_by_ray_start_gives_the_local_records(work, cluster, argv):
     name = argv[0]
-    local = start(*argv, "--out", f"{name}-local", cwd=work)   # alongside the Ray run
-    bastion(*argv, "--backend", "ray", "--address", "auto", "--threads", "1", "--out", f"{name}-ray", cwd=work,
-            env=_env(RAY_ADDRESS=cluster))
-    finish(local)
+    ray_run = start(*argv, "--backend", "ray", "--address", "auto", "--threads", "1", "--out", f"{name}-ray", cwd=work,
+                    env=_env(RAY_ADDRESS=cluster))
+    here(*argv, "--out", f"{name}-local", cwd=work)   # the local reference, in this process while Ray runs
+    finish(ray_run)
     assert _records(work / f"{name}-ray") == _records(work / f"{name}-local")
 
 
@@ -153,7 +162,6 @@ def test_a_ray_worker_killed_mid_task_is_retried_and_the_run_finishes(work, clus
     if not local.is_dir():
         bastion(*CERTIFY, "--out", "certify-local", cwd=work)
     argv = [*CERTIFY[:CERTIFY.index("--n")], "--n", "20000", *CERTIFY[CERTIFY.index("--batch"):]]
-    big_local = start(*argv, "--out", "certify-big-local", cwd=work)   # alongside the Ray run
     proc = subprocess.Popen([sys.executable, "-m", "experiments.cli", *_abs(argv, work), "--backend", "ray",
                              "--address", "auto", "--threads", "1", "--retries", "3", "--out", "certify-killed"],
                             cwd=work,
@@ -169,12 +177,12 @@ def test_a_ray_worker_killed_mid_task_is_retried_and_the_run_finishes(work, clus
                 os.kill(pids[0], signal.SIGKILL)
                 killed = pids[0]
             time.sleep(0.1)
+        here(*argv, "--out", "certify-big-local", cwd=work)   # the local reference, in this process while Ray runs
         out, err = proc.communicate(timeout=400)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    finish(big_local)
     assert killed is not None, "no Ray task worker was seen"
     assert proc.returncode == 0, out[-2000:] + err[-3000:]
     assert _records(work / "certify-killed") == _records(work / "certify-big-local")
