@@ -61,10 +61,6 @@ def finish(proc: subprocess.Popen) -> None:
     assert proc.returncode == 0, out[-2000:] + err[-3000:]
 
 
-def bastion(*args: str, cwd: Path, env: dict[str, str] | None = None) -> None:
-    finish(start(*args, cwd=cwd, env=env))
-
-
 def here(*args: str, cwd: Path) -> None:
     """``bastion *args --threads 1`` in this process (paths made absolute: it does not run in ``cwd``)."""
     from experiments.cli import main
@@ -77,8 +73,8 @@ def here(*args: str, cwd: Path) -> None:
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("ray_cli")
-    bastion("train", "--quiet", "--dataset", "digits", "--max", "200", "--model-arg", "width=4", "--epochs", "1",
-            "--out", "std", cwd=d)
+    here("train", "--quiet", "--dataset", "digits", "--max", "200", "--model-arg", "width=4", "--epochs", "1",
+         "--out", "std", cwd=d)
     return d
 
 
@@ -160,7 +156,7 @@ def _task_workers(root: int) -> list[int]:
 def test_a_ray_worker_killed_mid_task_is_retried_and_the_run_finishes(work, cluster):
     local = work / "certify-local"
     if not local.is_dir():
-        bastion(*CERTIFY, "--out", "certify-local", cwd=work)
+        here(*CERTIFY, "--out", "certify-local", cwd=work)
     argv = [*CERTIFY[:CERTIFY.index("--n")], "--n", "20000", *CERTIFY[CERTIFY.index("--batch"):]]
     proc = subprocess.Popen([sys.executable, "-m", "experiments.cli", *_abs(argv, work), "--backend", "ray",
                              "--address", "auto", "--threads", "1", "--retries", "3", "--out", "certify-killed"],
