@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -26,28 +27,26 @@ def start(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subproces
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def finish(proc: subprocess.Popen) -> str:
-    """Wait for ``proc`` (from `start`) to succeed; returns its stdout."""
-    out, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err
-    return out
-
-
 def lines(path: Path) -> int:
     return len(path.read_text().splitlines()) if path.is_file() else 0
 
 
-def kill_at(args: list[str], log: Path, at_least: int, cwd: Path) -> int:
-    """Run ``bastion *args``, SIGKILL it once an append leaves ``log`` with ``at_least`` lines (the run
-    pauses right there, `conftest.pausing_env`); return the log's line count at the kill."""
+def kill_at(args: list[str], log: Path, at_least: int, cwd: Path, meanwhile: Callable[[], None]) -> int:
+    """Start ``bastion *args`` in a child process, do ``meanwhile()`` here while it runs, then SIGKILL the
+    child once an append has left ``log`` with ``at_least`` lines (the run pauses right there,
+    `conftest.pausing_env`); returns the log's line count at the kill."""
     proc = start(*args, cwd=cwd, env=pausing_env(_env(), log, at_least))
+    paused = failure = None
     try:
-        paused = wait_for_pause(proc, log)
-    except AssertionError as exc:
+        meanwhile()
+        try:
+            paused = wait_for_pause(proc, log)
+        except AssertionError as exc:
+            failure = str(exc)
+    finally:
         proc.kill()
-        raise AssertionError(f"{exc}: {proc.communicate()[1][-3000:]}") from None
-    proc.kill()
-    proc.communicate()
+        _, err = proc.communicate()
+    assert failure is None, f"{failure}: {err[-3000:]}"
     assert paused == proc.pid
     return lines(log)
 
@@ -116,9 +115,11 @@ def test_evaluate_killed_midway_resumes_to_identical_metrics(trained):
     n = 64
     args = ["evaluate", "--quiet", "--model", model, "--eps", "0.05,0.1", "--steps", "5", "--batch-size", "8",
             "--max", str(n), "--threads", "1"]
-    full = start(*args, "--out", "full", cwd=trained)   # the uninterrupted reference, alongside the killed run
-    at_kill = kill_at([*args, "--out", "killed"], trained / "killed" / "records.jsonl", n + 20, cwd=trained)
-    finish(full)
+
+    def reference() -> None:   # the uninterrupted run, in this process while the killed one runs
+        assert main([*args, "--out", str(trained / "full")]) == 0
+
+    at_kill = kill_at([*args, "--out", "killed"], trained / "killed" / "records.jsonl", n + 20, trained, reference)
     total = lines(trained / "full" / "records.jsonl")
     assert total == 3 * n
     assert n + 20 <= at_kill < 2 * n   # killed inside the first attack's probe, clean all recorded
@@ -133,10 +134,12 @@ def test_train_killed_midway_resumes_from_last_epoch(tmp_path, capsys):
 
     args = ["train", "--objective", "pgd", "--eps", "0.1", "--steps", "3", "--epochs", "4", "--max", "256",
             "--seed", "3", "--threads", "1"]
-    ref = start(*args, "--quiet", "--out", "ref", cwd=tmp_path)   # the uninterrupted reference, alongside
+
+    def reference() -> None:   # the uninterrupted run, in this process while the killed one runs
+        assert main([*args, "--quiet", "--out", str(tmp_path / "ref")]) == 0
+
     log = tmp_path / "run" / "train_log.jsonl"
-    done = kill_at([*args, "--quiet", "--out", "run"], log, 2, cwd=tmp_path)
-    finish(ref)
+    done = kill_at([*args, "--quiet", "--out", "run"], log, 2, tmp_path, reference)
     assert done == 2   # epochs 0 and 1 committed, the run stopped before epoch 2
     capsys.readouterr()
     assert main([*args, "--out", str(tmp_path / "run")]) == 0   # the rerun, in this process
