@@ -159,23 +159,22 @@ def test_sigkilled_cli_run_resumes_to_identical_weights(tmp_path):
     from conftest import pausing_env, wait_for_pause
     from safetensors.torch import load_file
 
+    from experiments.cli import main
+
     args = ["-m", "experiments", "train", "--dataset", "synthetic", "--model", "conv_linear", "--model-arg",
             "width=4", "--objective", "rs_aaer", "--eps", "0.15", "--param", "lambda3=20", "--optimizer", "sgd",
             "--lr", "0.1", "--schedule", "cyclic", "--epochs", "5", "--batch-size", "32",
             "--monitor-pgd-steps", "10", "--quiet", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ref = subprocess.Popen([sys.executable, *args, "--out", str(tmp_path / "a")], env=env)   # alongside the killed run
     log = tmp_path / "b" / "train_log.jsonl"
     proc = subprocess.Popen([sys.executable, *args, "--out", str(tmp_path / "b")], env=pausing_env(env, log, 2))
-    try:
+    try:   # the uninterrupted run, in this process while the other one runs to its pause
+        assert main([*args[2:], "--threads", "1", "--out", str(tmp_path / "a")]) == 0
         assert wait_for_pause(proc, log) == proc.pid   # epochs 0 and 1 committed, epoch 2 not begun
     finally:
         proc.kill()
         proc.wait()
     assert len(log.read_text().splitlines()) == 2
-    assert ref.wait() == 0
-    from experiments.cli import main
-
     assert main([*args[2:], "--threads", "1", "--out", str(tmp_path / "b")]) == 0   # the rerun, in this process
     wa, wb = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
