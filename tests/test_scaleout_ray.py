@@ -10,6 +10,7 @@ machine, other people's clusters included)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -103,16 +104,17 @@ def cluster():
         HEAD["pid"] = head.pid
         yield address
     finally:
-        # the head and everything it started share its session: end that group, by its id (SIGINT: `ray start
-        # --block` stops its cluster on it within a couple of seconds, and ignores SIGTERM)
+        # the head and everything it started share its session: end that group, by its id. `ray start --block`
+        # ignores SIGTERM and usually stops its cluster within about a second on SIGINT; what is left after a few
+        # seconds is killed (the end state of a SIGKILL of the group, without waiting for nothing)
         try:
             os.killpg(head.pid, signal.SIGINT)
-            head.wait(timeout=10)
+            head.wait(timeout=3)
         except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(head.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
 
 
 def _records(run: Path) -> list[dict]:
