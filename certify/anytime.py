@@ -88,6 +88,15 @@ from certify.stats import cp_lower
 _BISECT = 64
 
 
+def _as_counts(s: Sequence[int] | np.ndarray, t: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Successes ``s`` and sample counts ``t`` as float64 arrays (1-d at least), checked: 0 <= s <= t, t > 0."""
+    s = np.atleast_1d(np.asarray(s, dtype=np.float64))
+    t = np.atleast_1d(np.asarray(t, dtype=np.float64))
+    if np.any(t <= 0) or np.any(s < 0) or np.any(s > t):
+        raise ValueError("need 0 <= S <= t and t > 0")
+    return s, t
+
+
 @dataclass(frozen=True)
 class BetaMixtureCS:
     """Two-sided confidence sequence for a Bernoulli mean from ``(S_t, t)``.
@@ -123,10 +132,7 @@ class BetaMixtureCS:
     def bounds(self, s: Sequence[int] | np.ndarray, t: Sequence[int] | np.ndarray,
                alpha: float) -> tuple[np.ndarray, np.ndarray]:
         """(L_t, U_t) per element: the ends of ``{p : M_t(p) < 1/alpha}`` (float64, bisection to ~1e-19)."""
-        s = np.atleast_1d(np.asarray(s, dtype=np.float64))
-        t = np.atleast_1d(np.asarray(t, dtype=np.float64))
-        if np.any(t <= 0) or np.any(s < 0) or np.any(s > t):
-            raise ValueError("need 0 <= S <= t and t > 0")
+        s, t = _as_counts(s, t)
         c = math.log(1.0 / alpha)
         phat = s / t
         lo, hi = np.zeros_like(phat), phat.copy()
@@ -219,10 +225,7 @@ class UpperMixtureCS:
     def bounds(self, s: Sequence[int] | np.ndarray, t: Sequence[int] | np.ndarray,
                alpha: float) -> tuple[np.ndarray, np.ndarray]:
         """(0, U_t) per element (the interface of `BetaMixtureCS`; no lower end): bisection on p."""
-        s = np.atleast_1d(np.asarray(s, dtype=np.float64))
-        t = np.atleast_1d(np.asarray(t, dtype=np.float64))
-        if np.any(t <= 0) or np.any(s < 0) or np.any(s > t):
-            raise ValueError("need 0 <= S <= t and t > 0")
+        s, t = _as_counts(s, t)
         c = math.log(1.0 / alpha)
         lo, hi = s / t, np.ones_like(s)            # E_t(S_t / t) <= 1 < 1/alpha: the estimate is inside
         for _ in range(_BISECT):
