@@ -215,6 +215,9 @@ def test_killing_a_rank_mid_run_and_rerunning_resumes_to_the_same_weights(tmp_pa
         run.stop()
     assert not (out / "model.safetensors").exists()
     assert len(log.read_text().splitlines()) == 1
-    _train(2, args, out)
+    if victim == 0:
+        _train(2, args, out)
+    else:  # resumed on one process with the same global batch (the run's stamp holds the global batch)
+        _train(1, [*PGD, "--batch-size", "32"], out)
     _assert_same_weights(pgd_two_ranks.done(), out)
     assert len(log.read_text().splitlines()) == 4

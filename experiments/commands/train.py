@@ -201,7 +201,9 @@ def _run(args: argparse.Namespace) -> int:
                       cycle_momentum=getattr(args, "cycle_momentum", True))
     callbacks = list(getattr(args, "callbacks", []))
     monitor = co_monitor(args, objective, out)
-    run_dir = open_run_dir(out, run_config(args)) if dist.is_main() else None
+    # the stamp holds the global batch: a run resumes under any process count that keeps it (as `fit` does)
+    stamp = run_config(args) | {"batch_size": args.batch_size * dist.world_size()}
+    run_dir = open_run_dir(out, stamp) if dist.is_main() else None
     dist.barrier()  # the run directory exists before any rank writes into it
     if monitor is not None:
         callbacks.append(monitor)
