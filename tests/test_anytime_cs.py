@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import scipy.stats as st
 
+from bastion.errors import ConfigError
 from certify.anytime import BetaMixtureCS, ThresholdTests, UpperMixtureCS
 from certify.stats import cp_lower
 
@@ -39,6 +40,9 @@ def test_upper_end_solves_the_boundary_and_brackets_the_estimate():
     assert cs.log_e(990, 1000, 0.999) == pytest.approx(float(ThresholdTests().log_e(10, 1000, 0.999, up=False)))
     with pytest.raises(ValueError):
         cs.bounds([5], [4], 0.05)
+    for bad in (dict(zero=1.5), dict(ratios=(1.5,)), dict(ratios=())):
+        with pytest.raises(ConfigError, match="ratios in"):
+            UpperMixtureCS(**bad)
 
 
 @pytest.mark.parametrize("p_a", [0.6, 0.99, 0.9995])

@@ -142,6 +142,9 @@ def test_out_and_execution_options_are_not_in_the_digest(tmp_path, monkeypatch, 
     # a different result-determining option is refused
     assert main(args + ["--lr", "0.01", "--out", "moved"]) == 2
     assert "different config" in capsys.readouterr().err
+    # so is another global batch (the stamp holds the global batch, --batch-size x processes)
+    assert main(args + ["--batch-size", "32", "--out", "moved"]) == 2
+    assert "different config" in capsys.readouterr().err
 
 
 def test_run_config_applies_device_auto_and_cli_common_options(tmp_path):
