@@ -117,6 +117,17 @@ class ToyDetector:
         return {"name": self.name, "kind": "toy", "threshold": self.threshold}
 
 
+def fit_full_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float = 1e-2) -> nn.Module:
+    """``steps`` full-batch Adam steps on cross-entropy; returns ``model`` in eval mode with frozen weights."""
+    opt = torch.optim.Adam(model.parameters(), lr)
+    for _ in range(steps):
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval().requires_grad_(False)
+
+
 @pytest.fixture(scope="module")
 def toy_detection():
     """(model, train, test, ToyDetector at 5% FPR): a tiny CNN on synthetic data and a toy detector."""
@@ -125,13 +136,7 @@ def toy_detection():
     test = load_dataset("synthetic", "test", num_examples_total=48)
     model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
                           nn.Linear(8 * 16, 16), nn.ReLU(), nn.Linear(16, 4))
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
-    for _ in range(60):
-        loss = nn.functional.cross_entropy(model(train.images), train.labels)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval().requires_grad_(False)
+    fit_full_batch(model, train.images, train.labels, 60)
     det = ToyDetector(train.images[:100])
     det.set_threshold(det.score(train.images[100:]), 0.05)
     return model, train, test, det

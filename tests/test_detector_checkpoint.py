@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from conftest import fit_full_batch
 from torch import nn
 
 from bastion.checkpoints import make_card, save_checkpoint
@@ -26,13 +27,7 @@ def fitted(tmp_path_factory):
     train = load_dataset("synthetic", "train", num_examples_total=120)
     c, h, _ = train.input_shape
     model = create_model("small_cnn", train.num_classes, c, h)
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
-    for _ in range(20):
-        loss = nn.functional.cross_entropy(model(train.images), train.labels)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval().requires_grad_(False)
+    fit_full_batch(model, train.images, train.labels, 20)
     card = make_card(model, "small_cnn", train.num_classes, train.input_shape)
     save_checkpoint(folder / "clf", model, card)
     x, y = train.images[:60], train.labels[:60]
