@@ -50,10 +50,29 @@ def _pick(logits: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
     return logits.gather(1, cls.view(-1, 1)).squeeze(1)
 
 
+# PyTorch's CPU log-softmax over a last dimension shorter than one SIMD vector (fewer than 16
+# classes) runs row by row: for 450 x 10 logits it took 72 us forward where the same reduction
+# along the first dimension took 15 us (benchmarks/attacks.py (g) measures the effect on PGD)
+SHORT_ROW_CLASSES = 16
+SHORT_ROW_MIN_BATCH = 128
+
+
+def cross_entropy(logits: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+    """Per-example cross-entropy (B,) of ``logits`` (B, K) at the classes ``cls`` (B,), long:
+    ``F.cross_entropy(logits, cls, reduction="none")``. On the CPU with K < 16 classes and
+    B >= 128 rows the log-softmax is taken over the transposed logits (the same values to
+    rounding: at most a unit in the last place, and the gradient within 1.2e-7 in float32);
+    2-4x faster forward, ~1.7x forward and backward for 450 x 10 on one core."""
+    if (logits.device.type == "cpu" and logits.dim() == 2 and logits.shape[1] < SHORT_ROW_CLASSES
+            and logits.shape[0] >= SHORT_ROW_MIN_BATCH):
+        return F.nll_loss(F.log_softmax(logits.t(), 0).t(), cls, reduction="none")
+    return F.cross_entropy(logits, cls, reduction="none")
+
+
 def ce_loss(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
     if target is None:
-        return F.cross_entropy(logits, y, reduction="none")
-    return -F.cross_entropy(logits, target, reduction="none")
+        return cross_entropy(logits, y)
+    return -cross_entropy(logits, target)
 
 
 def margin_loss(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:

@@ -14,7 +14,7 @@ from torch import nn
 from attacks import AttackError, create_attack, list_attacks
 from attacks.adaptive import DetectorObjective, MixingObjective, SmoothedObjective
 from attacks.native import apgd_checkpoints
-from attacks.objectives import dlr_loss, margin_loss
+from attacks.objectives import SHORT_ROW_MIN_BATCH, ce_loss, cross_entropy, dlr_loss, margin_loss
 from bastion.errors import ConfigError
 from bastion.threat import ThreatModel
 
@@ -74,6 +74,23 @@ def test_dlr_loss_by_hand():
     assert dlr_loss(z, y, t).item() == pytest.approx(-(4 - 3) / (4 - 0.5 * (1 + 0)))
     with pytest.raises(AttackError, match="at least 3 classes"):
         dlr_loss(torch.zeros(1, 2), torch.tensor([0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rows,classes", [(SHORT_ROW_MIN_BATCH, 10), (450, 2), (450, 15), (450, 16), (64, 10)])
+def test_cross_entropy_matches_torch_on_both_paths(rows, classes, dtype):
+    # the transposed path (few classes, many rows, CPU) and the fallback give F.cross_entropy's values
+    g = torch.Generator().manual_seed(rows * classes)
+    z = (torch.randn(rows, classes, generator=g) * 8).to(dtype)
+    y = torch.randint(0, classes, (rows,), generator=g)
+    za, zb = z.clone().requires_grad_(True), z.clone().requires_grad_(True)
+    ours, ref = cross_entropy(za, y), F.cross_entropy(zb, y, reduction="none")
+    tol = dict(rtol=0, atol=4 * torch.finfo(dtype).eps * (1 + float(ref.detach().abs().max())))
+    torch.testing.assert_close(ours, ref, **tol)
+    (ga,), (gb,) = torch.autograd.grad(ours.sum(), za), torch.autograd.grad(ref.sum(), zb)
+    torch.testing.assert_close(ga, gb, rtol=0, atol=4 * torch.finfo(dtype).eps)
+    t = (y + 1) % classes
+    torch.testing.assert_close(ce_loss(z, y, t), -F.cross_entropy(z, t, reduction="none"), **tol)
 
 
 def test_apgd_checkpoints_follow_the_paper():
