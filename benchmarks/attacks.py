@@ -134,6 +134,8 @@ def main(argv=None) -> int:
     ap.add_argument("--parts", default="abcdefg", help="sections to run (letters a-g)")
     ap.add_argument("--seeds", type=int, default=None, help="(e): seeds per setting (default 5, --quick 2)")
     ap.add_argument("--square", default="linf:0.1,linf:0.2,l2:0.5,l2:1.0", help="(e): threat models, comma-separated")
+    ap.add_argument("--channels-last", action="store_true",
+                    help="(f): run both suites on a channels-last copy of the CNN (instead of the CNN and the MLP)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     import logging
@@ -327,7 +329,13 @@ def extra_sections(model, x, y, args, repeats, checks) -> list:
         n = 60 if args.quick else 150
         rows = []
         # the CNN is compute-bound (its forward passes dominate), the MLP bookkeeping-bound
-        for label, net in (("small CNN", model), ("MLP", _mlp())):
+        nets = [("small CNN", model), ("MLP", _mlp())]
+        if args.channels_last:  # both sides get the same converted copy (a layout PyTorch's CPU convolutions favour)
+            import copy
+
+            nets = [(f"{label}, channels-last", copy.deepcopy(net).to(memory_format=torch.channels_last))
+                    for label, net in nets if label == "small CNN"]
+        for label, net in nets:
             for threat in ("linf:0.1", "l2:0.5"):
                 # both sides see the same timing wrapper: time inside the model and rows sent through it
                 cn, ca = Clock(), Clock()
