@@ -92,19 +92,26 @@ def project_on_hyperplane_in_box(t: torch.Tensor, w: torch.Tensor, c: torch.Tens
     direction = torch.sign(w)
     aw = w.abs()
     room = torch.where(w > 0, 1 - t, t).clamp_min(0)
-    speed = torch.ones_like(aw) if norm == "linf" else aw
-    kink = torch.where(speed > 0, room / speed.clamp_min(_TINY), torch.full_like(room, float("inf")))
-    kink, order = kink.sort(dim=1)
-    aw_s, room_s, speed_s = aw.gather(1, order), room.gather(1, order), speed.gather(1, order)
+    if norm == "linf":
+        # speed 1: kink = room / 1 = room, and the products with the speed are the factors themselves
+        kink, order = room.sort(dim=1)
+        aw_s, room_s = aw.gather(1, order), kink
+        rate = aw_s.flip(1).cumsum(1).flip(1)
+    else:
+        speed = aw
+        kink = torch.where(speed > 0, room / speed.clamp_min(_TINY), torch.full_like(room, float("inf")))
+        kink, order = kink.sort(dim=1)
+        aw_s, room_s, speed_s = aw.gather(1, order), room.gather(1, order), speed.gather(1, order)
+        rate = (aw_s * speed_s).flip(1).cumsum(1).flip(1)  # d(w . d)/ds for coordinates from kink k on
     full = aw_s * room_s                                   # w . d of a saturated coordinate
     before = full.cumsum(1) - full                         # saturated below kink k
-    rate = (aw_s * speed_s).flip(1).cumsum(1).flip(1)      # d(w . d)/ds for coordinates from kink k on
     reach = before + torch.where(rate > 0, torch.nan_to_num(kink, posinf=0.0) * rate, torch.zeros_like(rate))
     k = (reach < c.unsqueeze(1)).sum(1)                    # first kink at which c is within reach
     feasible = k < t.shape[1]
     kk = k.clamp_max(t.shape[1] - 1).unsqueeze(1)
     s = ((c - before.gather(1, kk)[:, 0]) / rate.gather(1, kk)[:, 0].clamp_min(_TINY)).clamp_min(0)
-    move = torch.where(feasible.unsqueeze(1), torch.minimum(s.unsqueeze(1) * speed, room), room)
+    step = s.unsqueeze(1) if norm == "linf" else s.unsqueeze(1) * aw  # s * 1 is s
+    move = torch.where(feasible.unsqueeze(1), torch.minimum(step, room), room)
     return direction * move
 
 
@@ -124,7 +131,7 @@ def _boundary(xg: torch.Tensor, logits: torch.Tensor, keep: torch.Tensor | None,
     nearest in ``norm``; FAB-T: o = y; ``hit_target``: o = the best class other than the target."""
     with torch.enable_grad():
         z = logits if keep is None else logits[keep]
-        rows = torch.arange(len(y), device=y.device)
+        rows = torch.arange(len(y), device=y.device) if target is None or hit_target else None
 
         def grad_of(out: torch.Tensor, retain: bool = False) -> torch.Tensor:
             (g,) = torch.autograd.grad(out.sum(), xg, retain_graph=retain)
@@ -138,7 +145,8 @@ def _boundary(xg: torch.Tensor, logits: torch.Tensor, keep: torch.Tensor | None,
                 own = other.argmax(1)
             else:
                 own = y
-            h = z[rows, target] - z[rows, own]
+            # gathers: the values of z[rows, target] - z[rows, own], and the same +-1 in the logits' gradient
+            h = z.gather(1, target.view(-1, 1))[:, 0] - z.gather(1, own.view(-1, 1))[:, 0]
             return h.detach(), grad_of(h)
         jac = torch.stack([grad_of(z[:, j], retain=j < z.shape[1] - 1) for j in range(z.shape[1])], 1)  # (B, K, D)
     zd = z.detach()
@@ -167,17 +175,19 @@ def fab_search(model: nn.Module, x0: torch.Tensor, y: torch.Tensor, start: torch
     shape = tuple(x0.shape[1:])
     n = x0.shape[0]
     x0f = x0.flatten(1)
-    x1 = start.flatten(1).clone()
     best = x0f.clone()
     best_norm = torch.full((n,), float("inf"), dtype=x0.dtype, device=x0.device)
     first = torch.full((n,), -1, dtype=torch.long, device=x0.device)
     idx = torch.arange(n, device=x0.device)              # the rows still searched, in the graphs' order
-    graphs = [(*_forward(model, x1, shape), None)]       # (inputs, logits, rows kept or None)
+    # ``ident``: idx is every row in order, so the per-row state needs no gather or scatter;
+    # ya, ta, o and the iterates ``a`` are the rows idx of y, target, x0 and the current points
+    ident = True
+    ya, ta, o = y, target, x0f
+    a = start.flatten(1)
+    graphs = [(*_forward(model, a, shape), None)]        # (inputs, logits, rows kept or None)
     for i in range(steps):
         if idx.numel() == 0:
             break
-        ya = y[idx]
-        ta = None if target is None else target[idx]
         hs, gs, at = [], [], 0
         for xg, z, keep in graphs:
             m = z.shape[0] if keep is None else int(keep.sum())
@@ -187,34 +197,47 @@ def fab_search(model: nn.Module, x0: torch.Tensor, y: torch.Tensor, start: torch
             at += m
         graphs = []
         h, g = (hs[0], gs[0]) if len(hs) == 1 else (torch.cat(hs), torch.cat(gs))
-        a, o = x1[idx], x0f[idx]
         with torch.no_grad():
             # the hyperplane h + g . (z - x1) = 0, reached from x1 and from x0
             c0 = (g * (a - o)).sum(1) - h
-            d = project_on_hyperplane_in_box(torch.cat([a, o]), torch.cat([g, g]), torch.cat([-h, c0]), norm)
-            d1, d0 = d.chunk(2)
-            n1 = lp_norm(d1, norm).clamp_min(1e-8)
-            n0 = lp_norm(d0, norm).clamp_min(1e-8)
+            t = torch.cat([a, o])
+            d = project_on_hyperplane_in_box(t, torch.cat([g, g]), torch.cat([-h, c0]), norm)
+            if norm == "linf":  # a row's max does not depend on the other rows: both halves at once
+                n1, n0 = lp_norm(d, norm).clamp_min(1e-8).chunk(2)
+            else:
+                d1, d0 = d.chunk(2)
+                n1 = lp_norm(d1, norm).clamp_min(1e-8)
+                n0 = lp_norm(d0, norm).clamp_min(1e-8)
             alpha = (n1 / (n1 + n0)).clamp(0, alpha_max).unsqueeze(1)
-            a = ((1 - alpha) * (a + eta * d1) + alpha * (o + eta * d0)).clamp(0, 1)
+            # (a + eta d1, o + eta d0), elementwise as separate operations would
+            p1, p0 = (t + eta * d).chunk(2)
+            a = ((1 - alpha) * p1 + alpha * p0).clamp(0, 1)
         last = i == steps - 1
         xg, z = _forward(model, a, shape, keep_graph=not last)
         with torch.no_grad():
             pred = z.detach().argmax(1)
             adv = pred == ta if hit_target else pred != ya
             dist = lp_norm(a - o, norm)
-            better = adv & (dist < best_norm[idx])
-            best[idx[better]] = a[better]
-            best_norm[idx[better]] = dist[better]
-            new = idx[adv & (dist <= eps)]
-            first[new] = torch.where(first[new] < 0, torch.full_like(first[new], i + 1), first[new])
+            if ident:  # the same updates as below, without gathers and scatters
+                better = adv & (dist < best_norm)
+                best = torch.where(better.unsqueeze(1), a, best)
+                best_norm = torch.where(better, dist, best_norm)
+                first = torch.where(adv & (dist <= eps) & (first < 0), i + 1, first)
+                bn = best_norm
+            else:
+                better = adv & (dist < best_norm[idx])
+                best[idx[better]] = a[better]
+                best_norm[idx[better]] = dist[better]
+                new = idx[adv & (dist <= eps)]
+                first[new] = torch.where(first[new] < 0, torch.full_like(first[new], i + 1), first[new])
+                bn = best_norm[idx]
             a = torch.where(adv.unsqueeze(1), o + beta * (a - o), a)
-            x1[idx] = a
         if last:
             break
         keep = ~adv
-        redo = adv & ~(best_norm[idx] <= eps) if stop_within_eps else adv
+        redo = adv & ~(bn <= eps) if stop_within_eps else adv
         n_keep, n_redo = int(keep.sum()), int(redo.sum())
+        n_rows = idx.numel()
         # the graph's backward passes (K of them untargeted) also run over its pulled-back rows:
         # worth reusing only while those are few, else one fresh forward pass for every row
         backward_passes = 1 if target is not None else z.shape[1]
@@ -222,11 +245,20 @@ def fab_search(model: nn.Module, x0: torch.Tensor, y: torch.Tensor, start: torch
             graphs.append((xg, z, None if n_keep == z.shape[0] else keep))
             if n_redo:
                 graphs.append((*_forward(model, a[redo], shape), None))
-            idx = torch.cat([idx[keep], idx[redo]])
+            changed = n_keep < n_rows  # the kept rows first, then the pulled-back ones (the graphs' order)
+            if changed:
+                idx = torch.cat([idx[keep], idx[redo]])
+                a = torch.cat([a[keep], a[redo]])
         else:
-            idx = idx[keep | redo]
+            changed = n_keep + n_redo < n_rows
+            if changed:
+                sel = keep | redo
+                idx, a = idx[sel], a[sel]
             if idx.numel():
-                graphs.append((*_forward(model, x1[idx], shape), None))
+                graphs.append((*_forward(model, a, shape), None))
+        if changed:
+            ident = False
+            ya, ta, o = y[idx], None if target is None else target[idx], x0f[idx]
     return best.view_as(x0), best_norm, first
 
 

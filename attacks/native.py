@@ -588,9 +588,9 @@ def apgd_checkpoints(n_iter: int) -> list[int]:
     return sorted({w for w in pts if 1 <= w <= n_iter})
 
 
-def _record(out: _Outcome, st: dict[str, torch.Tensor], succ: torch.Tensor, step: int) -> bool:
-    """Store successes of the active APGD state ``st``, drop them from it; True when none is left."""
-    if bool(succ.any()):
+def _record(out: _Outcome, st: dict[str, torch.Tensor], succ: torch.Tensor | None, step: int) -> bool:
+    """Store successes of the active APGD state ``st`` (None: none), drop them from it; True when none is left."""
+    if succ is not None and bool(succ.any()):
         out.hit(st["idx"], succ, st["xk"], step)
         keep = ~succ
         for key in list(st):
@@ -633,6 +633,7 @@ def apgd_engine(model: nn.Module, x: torch.Tensor, y: torch.Tensor, objective: O
         if _record(out, st, succ, base):
             continue
         last_w = 0
+        ones = torch.ones_like(st["fmax"])
         for i in range(steps):
             shape = _bshape(st["xk"])
             with torch.no_grad():
@@ -643,8 +644,13 @@ def apgd_engine(model: nn.Module, x: torch.Tensor, y: torch.Tensor, objective: O
                     z = threat.project(x0, xk + 0.75 * (z - xk) + 0.25 * (xk - st["xprev"]))
                 st["xprev"], st["xk"] = xk, z
             need = (i + 1) < steps
-            loss, succ, g = evaluate_objective(objective, model, st["xk"], st["y"], st.get("lt"), st.get("gt"),
-                                               eot, need, margin)
+            if eot == 1:  # evaluate_objective's one draw, reusing the ones of the gradient's product
+                ones = ones if ones.shape == st["fmax"].shape else torch.ones_like(st["fmax"])
+                loss, succ, g = _evaluate_once(objective, model, st["xk"], st["y"], st.get("lt"), st.get("gt"),
+                                               need, margin, ones, lazy=True)
+            else:
+                loss, succ, g = evaluate_objective(objective, model, st["xk"], st["y"], st.get("lt"), st.get("gt"),
+                                                   eot, need, margin)
             st["g"] = g if g is not None else st["g"]
             st["incr"] = st["incr"] + (loss > st["fprev"]).to(loss.dtype)
             st["fprev"] = loss

@@ -89,10 +89,13 @@ def eta(s: int) -> torch.Tensor:
     return d / d.pow(2).sum().sqrt()
 
 
-def _margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _margin(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """z_y - max_{j != y} z_j (B,); y (B,) or (B, 1); ``mask``: the one-hot bool mask of ``y`` (B, K),
+    when already at hand."""
     own = logits.gather(1, y.view(-1, 1))[:, 0]
-    other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
-    return own - other
+    if mask is None:
+        mask = F.one_hot(y.view(-1), logits.shape[1]).bool()
+    return own - torch.where(mask, float("-inf"), logits).amax(1)
 
 
 def _signs(shape: tuple[int, ...], generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
@@ -105,14 +108,41 @@ def _randint(high: int, generator: torch.Generator) -> int:
     return int(torch.randint(0, max(high, 1), (1,), generator=generator, device=generator.device))
 
 
+def _positions(h: int, w: int, s: int, k: int, generator: torch.Generator) -> list[int]:
+    """``k`` // 2 window corners (row, column, row, ...): ``_randint(h - s)``, ``_randint(w - s)``, ... in
+    turn. A CPU generator draws a (k,) tensor's numbers one after another, as k calls of (1,) do,
+    so square images take them in one call there."""
+    if h == w and generator.device.type == "cpu":
+        return torch.randint(0, max(h - s, 1), (k,), generator=generator).tolist()
+    return [_randint((h if j % 2 == 0 else w) - s, generator) for j in range(k)]
+
+
+@lru_cache(maxsize=4096)
+def _pair_mask(h: int, w: int, s: int, corners: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """(h, w) bool mask of the two s-sided windows at ``corners`` (row, column, row, column); never written to."""
+    mask = torch.zeros(h, w, dtype=torch.bool, device=device)
+    vh, vw, vh2, vw2 = corners
+    mask[vh:vh + s, vw:vw + s] = True
+    mask[vh2:vh2 + s, vw2:vw2 + s] = True
+    return mask
+
+
 def _l2_unit(d: torch.Tensor) -> torch.Tensor:
     return d / (d.flatten(1).norm(dim=1).view(-1, 1, 1, 1) + 1e-12)
 
 
-def _bump(s: int, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
-    """``eta(s)`` in ``like``'s dtype/device, transposed with probability 1/2 (as pyautoattack)."""
-    e = eta(s).to(like.device, like.dtype)
-    return e.t() if _randint(2, generator) else e
+@lru_cache(maxsize=64)
+def _eta_as(s: int, dtype: torch.dtype, device: torch.device) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+    """``eta(s)`` and its transpose in ``dtype`` on ``device``, each with its negative (never written to)."""
+    e = eta(s).to(device, dtype)
+    return (e, -e), (e.t(), -e.t())
+
+
+def _bump(s: int, generator: torch.Generator, like: torch.Tensor, signed: bool = False):
+    """``eta(s)`` in ``like``'s dtype/device, transposed with probability 1/2 (as pyautoattack);
+    ``signed``: the pair (bump, -bump)."""
+    pair = _eta_as(s, like.dtype, like.device)[1 if _randint(2, generator) else 0]
+    return pair if signed else pair[0]
 
 
 def _init_linf(x: torch.Tensor, eps: float, generator: torch.Generator) -> torch.Tensor:
@@ -134,36 +164,53 @@ def _init_l2(x: torch.Tensor, eps: float, generator: torch.Generator) -> torch.T
     return (x + eps * _l2_unit(delta)).clamp(0, 1)
 
 
-def _propose_linf(xc: torch.Tensor, bc: torch.Tensor, eps: float, p: float, shared: bool,
+def _window(p: float, h: int, w: int, linf: bool) -> int:
+    """The side of the square window at share ``p`` of the features (L2: odd, at least 3)."""
+    s = int(round(math.sqrt(p * h * w)))
+    if linf:
+        return min(max(s, 1), h, w)
+    s = max(s, 3)
+    return min(s + 1 if s % 2 == 0 else s, h, w)
+
+
+def _linf_faces(xc: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clean points moved by +eps and by -eps, clipped to the box: the two values an L-inf
+    proposal writes into a window (the same numbers as ``(xc + eps * sign).clamp(0, 1)``)."""
+    plus = torch.ones((1, xc.shape[1], 1, 1), dtype=xc.dtype, device=xc.device)
+    return (xc + eps * plus).clamp(0, 1), (xc + eps * -plus).clamp(0, 1)
+
+
+def _propose_linf(bc: torch.Tensor, faces: tuple[torch.Tensor, torch.Tensor], s: int, shared: bool,
                   generator: torch.Generator) -> torch.Tensor:
-    n, c, h, w = xc.shape
-    s = min(max(int(round(math.sqrt(p * h * w))), 1), h, w)
-    vh, vw = _randint(h - s, generator), _randint(w - s, generator)
+    n, c, h, w = bc.shape
+    vh, vw = _positions(h, w, s, 2, generator)
+    # _signs' draw: the window takes the clean point + eps where the bit is 1, - eps where it is 0
+    up = torch.randint(0, 2, (1 if shared else n, c, 1, 1), generator=generator, device=generator.device)
     cand = bc.clone()
     sl = (slice(None), slice(None), slice(vh, vh + s), slice(vw, vw + s))
     # best + 2 eps sign, clipped to the ball, is the clean point + eps sign on the window
-    cand[sl] = (xc[sl] + eps * _signs((1 if shared else n, c, 1, 1), generator, xc)).clamp(0, 1)
+    cand[sl] = torch.where(up.to(bc.device, torch.bool), faces[0][sl], faces[1][sl])
     return cand
 
 
-def _propose_l2(xc: torch.Tensor, bc: torch.Tensor, eps: float, p: float, generator: torch.Generator) -> torch.Tensor:
+def _propose_l2(xc: torch.Tensor, bc: torch.Tensor, eps: float, s: int, generator: torch.Generator) -> torch.Tensor:
     n, c, h, w = xc.shape
-    s = max(int(round(math.sqrt(p * h * w))), 3)
-    s = min(s + 1 if s % 2 == 0 else s, h, w)
-    vh, vw = _randint(h - s, generator), _randint(w - s, generator)
-    vh2, vw2 = _randint(h - s, generator), _randint(w - s, generator)
+    vh, vw, vh2, vw2 = corners = tuple(_positions(h, w, s, 4, generator))
     w1 = (slice(None), slice(None), slice(vh, vh + s), slice(vw, vw + s))
     w2 = (slice(None), slice(None), slice(vh2, vh2 + s), slice(vw2, vw2 + s))
     delta = bc - xc
     old = delta[w1]
     norm_w1 = old.pow(2).sum((-2, -1), keepdim=True).sqrt()
     norm_img = delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
-    mask = torch.zeros(h, w, dtype=torch.bool, device=xc.device)
-    mask[w1[2:]] = True
-    mask[w2[2:]] = True
-    norm_win = (delta * mask).pow(2).sum((-2, -1), keepdim=True).sqrt()
-    new = _bump(s, generator, xc) * _signs((n, c, 1, 1), generator, xc) + old / (1e-12 + norm_w1)
-    room = ((eps ** 2 - norm_img ** 2).clamp_min(0) / c + norm_win ** 2).sqrt()
+    mask = _pair_mask(h, w, s, corners, xc.device)
+    # where(mask, delta, 0) squares to (delta * mask) ** 2 exactly (delta is finite)
+    norm_win = torch.where(mask, delta, 0.0).pow(2).sum((-2, -1), keepdim=True).sqrt()
+    bump, neg = _bump(s, generator, xc, signed=True)
+    # _signs' draw: bump * (+1) where the bit is 1, bump * (-1) where it is 0
+    up = torch.randint(0, 2, (n, c, 1, 1), generator=generator, device=generator.device).to(xc.device, torch.bool)
+    new = torch.where(up, bump, neg) + old / (1e-12 + norm_w1)
+    free = (eps ** 2 - norm_img ** 2).clamp_min(0)
+    room = ((free / c if c != 1 else free) + norm_win ** 2).sqrt()  # x / 1 is x
     new = new / (1e-12 + new.pow(2).sum((-2, -1), keepdim=True).sqrt()) * room
     delta[w2] = 0
     delta[w1] = new
@@ -189,44 +236,59 @@ class Square(Attack):
         linf = self.threat.norm == "linf"
         if x.dim() != 4:
             raise ConfigError("square needs image inputs (N, C, H, W)")
-        n = x.shape[0]
+        n, _, h, w = x.shape
         x_adv = x.clone()
         with torch.no_grad():
             success = _margin(model(x), y) <= 0
         step = torch.full((n,), -1, dtype=torch.long, device=x.device)
         step[success] = 0
         budget = int(cfg.n_queries)
-        for _ in range(int(cfg.restarts or 1)):
-            idx = (~success).nonzero().flatten()
-            if idx.numel() == 0:
-                break
-            # the active examples' state, compacted when some break (no scatter per query)
-            xs, ys = x[idx], y[idx]
-            with torch.no_grad():
-                best = _init_linf(xs, eps, generator) if linf else _init_l2(xs, eps, generator)
-                m_best = _margin(model(best), ys)
-            for it in range(budget + 1):
-                broke = m_best <= 0
-                if bool(broke.any()):
-                    x_adv[idx[broke]] = best[broke]
-                    success[idx[broke]] = True
-                    step[idx[broke]] = it
-                    keep = ~broke
-                    idx, xs, ys, best, m_best = idx[keep], xs[keep], ys[keep], best[keep], m_best[keep]
-                if idx.numel() == 0 or it == budget:
+        shared = bool(cfg.shared_signs)
+        # the window side per query changes only where the schedule does
+        sides: dict[float, int] = {}
+        rows = (-1, 1, 1, 1)
+        with torch.no_grad():
+            for _ in range(int(cfg.restarts or 1)):
+                idx = (~success).nonzero().flatten()
+                if idx.numel() == 0:
                     break
-                p = p_selection(float(cfg.p_init), it, budget, bool(cfg.rescale_schedule))
-                with torch.no_grad():
-                    if linf:
-                        cand = _propose_linf(xs, best, eps, p, bool(cfg.shared_signs), generator)
+                # the active examples' state, compacted when some break (no scatter per query)
+                xs, ys = x[idx], y[idx]
+                best = _init_linf(xs, eps, generator) if linf else _init_l2(xs, eps, generator)
+                logits = model(best)
+                mask = F.one_hot(ys, logits.shape[1]).bool()
+                yv = ys.view(-1, 1)
+                faces = _linf_faces(xs, eps) if linf else None
+                m_best = _margin(logits, ys, mask)
+                # every active margin is > 0 after a compaction, so "best margin <= 0" is "new margin <= 0"
+                broke = m_best <= 0
+                for it in range(budget + 1):
+                    if bool(broke.any()):
+                        x_adv[idx[broke]] = best[broke]
+                        success[idx[broke]] = True
+                        step[idx[broke]] = it
+                        keep = ~broke
+                        idx, xs, ys, best, m_best = idx[keep], xs[keep], ys[keep], best[keep], m_best[keep]
+                        mask, yv = mask[keep], ys.view(-1, 1)
+                        if faces is not None:
+                            faces = (faces[0][keep], faces[1][keep])
+                    if idx.numel() == 0 or it == budget:
+                        break
+                    p = p_selection(float(cfg.p_init), it, budget, bool(cfg.rescale_schedule))
+                    s = sides.get(p)
+                    if s is None:
+                        s = sides[p] = _window(p, h, w, linf)
+                    if faces is not None:
+                        cand = _propose_linf(best, faces, s, shared, generator)
                     else:
-                        cand = _propose_l2(xs, best, eps, p, generator)
-                    m = _margin(model(cand), ys)
-                better = (m < m_best) | (m <= 0)
-                best = torch.where(better.view(-1, 1, 1, 1), cand, best)
-                m_best = torch.where(better, m, m_best)
-            # not broken: keep the lowest-margin point (it is inside the ball)
-            x_adv[idx] = best
+                        cand = _propose_l2(xs, best, eps, s, generator)
+                    m = _margin(model(cand), yv, mask)
+                    broke = m <= 0
+                    better = (m < m_best) | broke
+                    best = torch.where(better.view(rows), cand, best)
+                    m_best = torch.where(better, m, m_best)
+                # not broken: keep the lowest-margin point (it is inside the ball)
+                x_adv[idx] = best
         return AttackResult(x_adv, success, step)
 
 

@@ -143,3 +143,16 @@ def test_square_l2_conformance(mlp, dtype):
         assert torch.equal(a.success, model(a.x_adv).argmax(1) != y) and bool(a.success.any())
     finally:
         mlp.to(torch.float32)
+
+
+def test_batched_window_draws_are_the_sequential_ones():
+    """Square draws a query's window corners in one call on a CPU generator: the same numbers as
+    one `_randint` call per corner coordinate (what pyautoattack's order and the GPU path use)."""
+    from attacks.square import _positions
+
+    for h, s in ((8, 3), (15, 13), (32, 1), (5, 5)):
+        g1, g2 = torch.Generator().manual_seed(h), torch.Generator().manual_seed(h)
+        for _ in range(20):
+            assert _positions(h, h, s, 4, g1) == [_randint(h - s, g2) for _ in range(4)]
+            assert torch.equal(torch.randint(0, 2, (3, 1, 1, 1), generator=g1),
+                               torch.randint(0, 2, (3, 1, 1, 1), generator=g2))
