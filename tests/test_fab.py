@@ -129,3 +129,37 @@ def test_robustness_curve_from_one_fab_run(mlp, digits, tmp_path):
     assert curve["0.1"] == pytest.approx(rob["robust"]["linf:0.1"]["accuracy"])
     vals = [curve[k] for k in sorted(curve, key=float)]
     assert all(a >= b for a, b in zip(vals, vals[1:])) and vals[-1] < vals[0]
+
+
+def _general_projection(t, w, c, norm):
+    """The projection written once for both norms (speed 1 for linf), as before its linf shortcuts."""
+    w = w * torch.sign(c).unsqueeze(1)
+    c = c.abs()
+    direction, aw = torch.sign(w), w.abs()
+    room = torch.where(w > 0, 1 - t, t).clamp_min(0)
+    speed = torch.ones_like(aw) if norm == "linf" else aw
+    kink = torch.where(speed > 0, room / speed.clamp_min(1e-12), torch.full_like(room, float("inf")))
+    kink, order = kink.sort(dim=1)
+    aw_s, room_s, speed_s = aw.gather(1, order), room.gather(1, order), speed.gather(1, order)
+    full = aw_s * room_s
+    before = full.cumsum(1) - full
+    rate = (aw_s * speed_s).flip(1).cumsum(1).flip(1)
+    reach = before + torch.where(rate > 0, torch.nan_to_num(kink, posinf=0.0) * rate, torch.zeros_like(rate))
+    k = (reach < c.unsqueeze(1)).sum(1)
+    kk = k.clamp_max(t.shape[1] - 1).unsqueeze(1)
+    s = ((c - before.gather(1, kk)[:, 0]) / rate.gather(1, kk)[:, 0].clamp_min(1e-12)).clamp_min(0)
+    move = torch.where((k < t.shape[1]).unsqueeze(1), torch.minimum(s.unsqueeze(1) * speed, room), room)
+    return direction * move
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_projection_shortcuts_are_exact(norm, dtype):
+    """The linf shortcuts (kink = room, no products with a speed of 1) give the general formula's bits,
+    ties and saturated pixels included."""
+    g = torch.Generator().manual_seed(1)
+    t = (torch.randint(0, 17, (300, 64), generator=g) / 16).to(dtype)  # digits' 17 grey levels: many ties
+    w = torch.randn(300, 64, generator=g).to(dtype)
+    w[torch.rand(300, 64, generator=g) < 0.1] = 0
+    c = torch.randn(300, generator=g).to(dtype) * 3
+    assert torch.equal(project_on_hyperplane_in_box(t, w, c, norm), _general_projection(t, w, c, norm))

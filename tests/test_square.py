@@ -156,3 +156,22 @@ def test_batched_window_draws_are_the_sequential_ones():
             assert _positions(h, h, s, 4, g1) == [_randint(h - s, g2) for _ in range(4)]
             assert torch.equal(torch.randint(0, 2, (3, 1, 1, 1), generator=g1),
                                torch.randint(0, 2, (3, 1, 1, 1), generator=g2))
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_linf_proposal_is_the_clipped_signed_step(shared):
+    """An L-inf proposal writes (clean + eps * sign).clamp(0, 1) into its window, bit for bit."""
+    from attacks.square import _linf_faces, _propose_linf
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 3, 9, 9, generator=g)
+    x[x < 0.2] = 0.0
+    best = (x + 0.03 * torch.randn(6, 3, 9, 9, generator=g)).clamp(0, 1)
+    g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    for s in (1, 4, 9):
+        cand = _propose_linf(best, _linf_faces(x, 0.1), s, shared, g1)
+        vh, vw = _randint(9 - s, g2), _randint(9 - s, g2)
+        ref = best.clone()
+        sl = (slice(None), slice(None), slice(vh, vh + s), slice(vw, vw + s))
+        ref[sl] = (x[sl] + 0.1 * _signs((1 if shared else 6, 3, 1, 1), g2, x)).clamp(0, 1)
+        assert torch.equal(cand, ref)
