@@ -207,6 +207,18 @@ def generator_is_default(generator: torch.Generator) -> bool:
 # The base class
 # ---------------------------------------------------------------------------------------------
 
+
+def _class_indices(y: torch.Tensor) -> bool:
+    """Whether ``y`` holds class indices: integers >= 0 (a float tensor of whole numbers counts)."""
+    y = y.detach()
+    if y.numel() == 0:
+        return True
+    if y.is_complex() or y.dtype == torch.bool:
+        return False
+    if y.is_floating_point() and not bool((torch.isfinite(y) & (y == y.floor())).all()):
+        return False
+    return bool(y.min() >= 0)
+
 class Attack(abc.ABC):
     """Base class. Subclasses set ``config_class`` and implement ``_run``.
 
@@ -260,6 +272,9 @@ class Attack(abc.ABC):
             raise AttackError("attack inputs x must be a floating-point tensor (N, ...) with values in [0, 1]")
         if y.shape != x.shape[:1]:
             raise AttackError(f"labels y must have shape ({x.shape[0]},), got {tuple(y.shape)}")
+        if not _class_indices(y):
+            raise AttackError(f"labels y must be class indices (integers >= 0), got dtype {y.dtype} with values "
+                              f"{y.detach().flatten()[:5].tolist()}...")
         if x.numel() and _outside_unit(x.detach()):
             raise AttackError("attack inputs must lie in [0, 1]; keep normalization inside the model")
         if y_target is not None and not self.config.targeted:

@@ -278,6 +278,15 @@ def test_inputs_outside_unit_box_are_refused(mlp, batch):
         create_attack("pgd", "linf:0.1")(mlp, batch[0] * 255, batch[1])
 
 
+@pytest.mark.parametrize("labels", [[-1, 2], [0.5, 2.0], [float("nan"), 1.0], [True, False]])
+def test_labels_that_are_not_class_indices_are_refused(mlp, batch, labels):
+    x = batch[0][:2]
+    with pytest.raises(AttackError, match="class indices"):
+        create_attack("pgd", "linf:0.1", steps=2)(mlp, x, torch.tensor(labels))
+    y = torch.tensor([3.0, 1.0])  # whole numbers in a float tensor are accepted
+    assert create_attack("pgd", "linf:0.1", steps=2)(mlp, x, y).shape == x.shape
+
+
 # --- adapters ---------------------------------------------------------------------------------
 
 def test_torchattacks_adapter_params_and_errors(mlp, batch, monkeypatch):
