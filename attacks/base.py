@@ -203,11 +203,6 @@ def generator_is_default(generator: torch.Generator) -> bool:
     return _DEFAULT_GENERATOR.get() is generator
 
 
-# ---------------------------------------------------------------------------------------------
-# The base class
-# ---------------------------------------------------------------------------------------------
-
-
 def _class_indices(y: torch.Tensor) -> bool:
     """Whether ``y`` holds class indices: integers >= 0 (a float tensor of whole numbers counts)."""
     y = y.detach()
@@ -218,6 +213,11 @@ def _class_indices(y: torch.Tensor) -> bool:
     if y.is_floating_point() and not bool((torch.isfinite(y) & (y == y.floor())).all()):
         return False
     return bool(y.min() >= 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The base class
+# ---------------------------------------------------------------------------------------------
 
 class Attack(abc.ABC):
     """Base class. Subclasses set ``config_class`` and implement ``_run``.
