@@ -329,12 +329,12 @@ def extra_sections(model, x, y, args, repeats, checks) -> list:
         n = 60 if args.quick else 150
         rows = []
         # the CNN is compute-bound (its forward passes dominate), the MLP bookkeeping-bound
-        nets = [("small CNN", model), ("MLP", _mlp())]
         if args.channels_last:  # both sides get the same converted copy (a layout PyTorch's CPU convolutions favour)
             import copy
 
-            nets = [(f"{label}, channels-last", copy.deepcopy(net).to(memory_format=torch.channels_last))
-                    for label, net in nets if label == "small CNN"]
+            nets = [("small CNN, channels-last", copy.deepcopy(model).to(memory_format=torch.channels_last))]
+        else:
+            nets = [("small CNN", model), ("MLP", _mlp())]
         for label, net in nets:
             for threat in ("linf:0.1", "l2:0.5"):
                 # both sides see the same timing wrapper: time inside the model and rows sent through it
